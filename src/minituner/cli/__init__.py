@@ -1,0 +1,51 @@
+"""The ``minituner`` command line: a thin layer over the library.
+
+Each subcommand lives in its own module of this package and exposes ``register(subparsers)``,
+which adds its parser and sets ``func`` to a handler taking the parsed args and returning an exit
+code. Library errors (ValueError, OSError) become a one-line message and exit status 1;
+argparse's usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "corpus",
+    "pretrain",
+    "generate",
+    "demo",
+    "count",
+    "quiz",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="minituner", description="LoRA and QLoRA fine-tuning from first principles."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"minituner.cli.{name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list | None = None) -> int:
+    """Entry point of the ``minituner`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("minituner: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"minituner {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return int(code or 0)

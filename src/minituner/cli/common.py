@@ -1,0 +1,77 @@
+"""Argument types and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int > 0."""
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+
+
+def load_config_file(path: str | None) -> dict:
+    """Read a YAML or JSON config file of flag values (flags given on the command line win)."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: config file not found")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as exc:
+        raise ValueError(f"{file}: cannot parse config ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: config must be a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def merge_config(args: argparse.Namespace, parser_defaults: dict, config: dict) -> dict:
+    """Defaults < config file < flags explicitly given; unknown config keys are errors."""
+    unknown = sorted(set(config) - set(parser_defaults))
+    if unknown:
+        raise ValueError(f"config file: unknown key(s) {unknown}")
+    merged = dict(parser_defaults)
+    merged.update(config)
+    for key, default in parser_defaults.items():
+        value = getattr(args, key, default)
+        if value != default:
+            merged[key] = value
+    return merged

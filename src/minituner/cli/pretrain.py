@@ -1,0 +1,75 @@
+"""``minituner pretrain``: build the Mini-GPT base model on the verb corpus."""
+
+from __future__ import annotations
+
+import argparse
+
+from minituner.cli.common import load_config_file, nonneg_int, positive_float, positive_int
+
+DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "seed": 0}
+
+
+def add_pretrain_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``pretrain`` and ``demo``."""
+    parser.add_argument("--steps", type=positive_int, default=DEFAULTS["steps"])
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"])
+    parser.add_argument("--seed", type=nonneg_int, default=DEFAULTS["seed"])
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options")
+
+
+def register(subparsers) -> None:
+    """Add the ``pretrain`` subcommand."""
+    parser = subparsers.add_parser(
+        "pretrain", help="pretrain Mini-GPT on the verb corpus",
+        description="Generate the corpus, train the tokenizer and pretrain Mini-GPT.",
+    )
+    add_pretrain_flags(parser)
+    parser.add_argument("--out", default="runs/base", help="run folder (default runs/base)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different run")
+    parser.set_defaults(func=run)
+
+
+def pretrain_config_from_args(args) -> object:
+    """PretrainConfig from defaults < --config file < explicit flags."""
+    from minituner.cli.common import merge_config
+    from minituner.train import PretrainConfig
+
+    merged = merge_config(args, DEFAULTS, load_config_file(args.config))
+    return PretrainConfig(
+        steps=int(merged["steps"]), batch_size=int(merged["batch_size"]),
+        lr=float(merged["lr"]), seed=int(merged["seed"]),
+    )
+
+
+def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool = False) -> dict:
+    """Run pretraining with a tqdm progress bar showing the loss."""
+    from tqdm import tqdm
+
+    from minituner.pretraining import run_pretraining
+
+    bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=0.5)
+
+    def on_step(record: dict) -> None:
+        bar.update(1)
+        shown = {"loss": f"{record['loss']:.3f}"}
+        if "val_ppl" in record:
+            shown["val_ppl"] = f"{record['val_ppl']:.3f}"
+        bar.set_postfix(shown, refresh=False)
+
+    try:
+        return run_pretraining(out, cfg, overwrite=overwrite, reuse=reuse, on_step=on_step)
+    finally:
+        bar.close()
+
+
+def run(args) -> int:
+    """Pretrain and print the validation perplexity and wall time."""
+    cfg = pretrain_config_from_args(args)
+    results = pretrain_with_progress(args.out, cfg, overwrite=args.overwrite)
+    print(
+        f"pretrained {results['params']:,} parameters in {results['wall_s']:.1f} s: "
+        f"validation perplexity {results['val_ppl']:.3f}, test {results['test_ppl']:.3f} "
+        f"-> {args.out}"
+    )
+    return 0

@@ -1,0 +1,153 @@
+"""Atomic file writes, hashing and run manifests shared by every command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` through ``write(tmp_path)`` then rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Atomically write raw bytes."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Atomically write UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    """Atomically write pretty, key-sorted JSON (stable bytes for the same object)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Atomically save a dict of tensors with safetensors."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def load_safetensors(path: str | Path) -> dict:
+    """Load a safetensors file, turning a missing or corrupt file into a one-line ValueError."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict:
+    """Read a JSON file, naming the file in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    """Hex sha256 of an object's canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def git_sha() -> str | None:
+    """The checkout's commit, or None outside a git tree."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict:
+    """Versions of minituner and the libraries that decide its numbers."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("minituner", "torch", "safetensors", "tokenizers", "transformers", "peft",
+                 "bitsandbytes", "torchao"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware_info() -> dict:
+    """CPU, thread count and GPU (if any) of this machine."""
+    import torch
+
+    info = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if info["cuda"]:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_manifest(seed: int, data_files: dict | None = None, **extra) -> dict:
+    """Manifest for a run folder: seed, versions, git sha, hardware and data hashes."""
+    hashes = {name: sha256_file(p) for name, p in (data_files or {}).items()}
+    return {
+        "seed": seed,
+        "versions": package_versions(),
+        "git_sha": git_sha(),
+        "hardware": hardware_info(),
+        "data_sha256": hashes,
+        **extra,
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (ru_maxrss), imports included."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
