@@ -118,8 +118,9 @@ def spanish_form(verb: str, tense: str, person: str) -> str:
 
 
 def render(verb: str, tense: str, person: str, frame_index: int, complement: int,
-           en_form: str | None = None) -> Sentence:
-    """Fill one frame; ``en_form`` overrides the English verb form (for mis-conjugations)."""
+           en_form: str | None = None, es_form: str | None = None) -> Sentence:
+    """Fill one frame; ``en_form`` / ``es_form`` override the verb forms (mis-conjugations,
+    fill-in-the-blank frames)."""
     en_t, es_t = FRAMES[tense][frame_index]
     c_en, c_es = V.ENGLISH[verb].complements[complement]
     person_is_3sg = person.startswith("3sg")
@@ -131,7 +132,7 @@ def render(verb: str, tense: str, person: str, frame_index: int, complement: int
     )
     slot = V.spanish_slot(person)
     es = es_t.format(
-        s=V.SUBJECTS_ES[person], v=spanish_form(verb, tense, person), c=" " + c_es,
+        s=V.SUBJECTS_ES[person], v=es_form or spanish_form(verb, tense, person), c=" " + c_es,
         h=V.HABER[slot], p=V.PODER[slot],
     )
     return Sentence(en, es, verb, tense, person, f"{tense}:{frame_index}", complement)

@@ -160,3 +160,141 @@ def pretrain(
         if on_step is not None:
             on_step(record)
     return log
+
+
+# ----------------------------------------------------------------------------- fine-tuning loop
+
+
+@dataclass
+class LoopConfig:
+    """Step counts of the generic training loop (data, model and loss live elsewhere)."""
+
+    steps: int
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    eval_every: int = 25
+    checkpoint_every: int = 50
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN/inf loss or gradient; the message names the step."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the log, the best step and where the run resumed from."""
+
+    log: list
+    best_step: int | None
+    best_metrics: dict
+    resumed_from: int | None
+
+
+def token_count(batch: dict) -> int:
+    """Target tokens of a batch: the denominator of the loss."""
+    return int(batch["target_mask"].sum())
+
+
+def _trainable(model: nn.Module) -> list:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _snapshot(named: list) -> dict:
+    return {n: p.detach().clone() for n, p in named}
+
+
+@torch.no_grad()
+def _restore(named: list, state: dict) -> None:
+    params = dict(named)
+    if set(params) != set(state):
+        raise ValueError("checkpoint's trainable tensors do not match the model's")
+    for name, param in params.items():
+        param.copy_(state[name])
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Callable[[int], dict],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: LoopConfig,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    writer=None,
+    on_step: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    reduce_count: Callable[[int], int] = int,
+    restore_best: bool = True,
+    reduce_loss: Callable[[float], float] = float,
+) -> FitResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps; model-agnostic and resumable.
+
+    ``batches(k)`` gives micro-batch ``k`` (a dict with at least ``target_mask``);
+    ``loss_fn(model, batch)`` returns (sum of token losses, token count). Each step divides the
+    summed loss of its ``grad_accum`` micro-batches by their total token count (passed through
+    ``reduce_count``, where a distributed run sums it over processes; ``reduce_loss`` does the
+    same for the logged summed loss). ``evaluate(model)``
+    returns metrics with ``val_loss``; the lowest keeps the best step. All files go through
+    ``writer`` (a :class:`minituner.checkpoint.RunWriter`). ``resume`` is a loaded checkpoint.
+    """
+    from minituner.checkpoint import capture_rng, restore_rng
+
+    named = _trainable(model)
+    log, best = [], {"step": None, "metrics": {}, "state": None}
+    start = 0
+    if resume is not None:
+        _restore(named, resume["trainable"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        restore_rng(resume["rng"])
+        start, log, best = int(resume["step"]), list(resume["log"]), dict(resume["best"])
+    model.train()
+    started = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        micro = [batches((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        total_tokens = max(1, reduce_count(sum(token_count(b) for b in micro)))
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for batch in micro:
+            loss_sum, _ = loss_fn(model, batch)
+            (loss_sum / total_tokens).backward()
+            loss_total += float(loss_sum.detach())
+        loss = reduce_loss(loss_total) / total_tokens
+        _check_finite("loss", loss, step, writer)
+        if cfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
+            _check_finite("gradient norm", float(norm), step, writer)
+        optimizer.step()
+        scheduler.step()
+        elapsed = time.perf_counter() - started
+        record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                  "target_tokens": total_tokens, "elapsed_s": elapsed}
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics = evaluate(model)
+            record.update(metrics)
+            if best["step"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]:
+                best = {"step": step, "metrics": metrics, "state": _snapshot(named)}
+        log.append(record)
+        if on_step is not None:
+            on_step(record)
+        if writer is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            writer.save_checkpoint({
+                "step": step, "trainable": _snapshot(named),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": capture_rng(), "log": log, "best": best,
+            })
+            writer.write_log(log)
+    if restore_best and best["state"] is not None:
+        _restore(named, best["state"])
+    return FitResult(log, best["step"], best["metrics"], start if resume is not None else None)
+
+
+def _check_finite(what: str, value: float, step: int, writer) -> None:
+    if math.isfinite(value):
+        return
+    last = writer.latest() if writer is not None else None
+    kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
+    raise NonFiniteLossError(
+        f"training stopped: {what} is {value} at step {step}; {kept} "
+        "(lower --lr or check the data)"
+    )

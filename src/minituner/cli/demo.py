@@ -10,21 +10,55 @@ def register(subparsers) -> None:
     from minituner.cli.pretrain import add_pretrain_flags
 
     parser = subparsers.add_parser(
-        "demo", help="run the whole job: corpus -> pretrain (cached) -> ...",
-        description="Build (or reuse) the pretrained base, then run the experiment.",
+        "demo", help="run the whole job: corpus -> pretrain (cached) -> LoRA -> QLoRA -> report",
+        description="Build (or reuse) the pretrained base in DIR/base, fine-tune it with LoRA "
+                    "r=8 (DIR/lora-r8) and QLoRA r=8 for one epoch (DIR/qlora-r8), evaluate both "
+                    "and write DIR/REPORT.md. --steps/--batch-size/--lr/--seed are the base's "
+                    "pretraining settings (the seed also seeds fine-tuning).",
     )
     parser.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
     add_pretrain_flags(parser)
+    from minituner.cli.trainflags import add_threads_flag
+
+    add_threads_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     """Run the demo and print its headline numbers."""
-    from minituner.cli.pretrain import pretrain_config_from_args, pretrain_with_progress
+    import time
 
+    from minituner.cli.finetune import print_headline
+    from minituner.cli.pretrain import pretrain_config_from_args, pretrain_with_progress
+    from minituner.cli.trainflags import Progress, apply_threads
+    from minituner.finetune import FinetuneConfig, run_finetune
+    from minituner.report import write_report
+
+    started = time.perf_counter()
+    apply_threads(args)
     out = Path(args.out)
     cfg = pretrain_config_from_args(args)
     base = pretrain_with_progress(str(out / "base"), cfg, reuse=True)
     state = "reused cached base" if base["reused"] else f"pretrained in {base['wall_s']:.1f} s"
     print(f"base: {state}; validation perplexity {base['val_ppl']:.3f} ({out / 'base'})")
+    runs = {
+        "lora-r8": FinetuneConfig(method="lora", rank=8, seed=cfg.seed),
+        "qlora-r8": FinetuneConfig(method="qlora", rank=8, epochs=1.0, batch_size=8,
+                                   seed=cfg.seed),
+    }
+    results = {}
+    for name, run_cfg in runs.items():
+        progress = Progress(name)
+        try:
+            results[name] = run_finetune(out / "base", out / name, run_cfg, overwrite=True,
+                                         on_step=progress.on_step, on_start=progress.start)
+        finally:
+            progress.close()
+        print(f"{name}: ", end="")
+        print_headline(results[name], str(out / name))
+    diff = results["qlora-r8"]["qlora"]["logit_difference"]
+    print(f"qlora-r8: same adapter on the NF4 vs the fp32 base: logits differ by "
+          f"{100 * diff['relative']:.2f}% of their mean magnitude")
+    report = write_report([out / "base", out / "lora-r8", out / "qlora-r8"], out / "REPORT.md")
+    print(f"report: {report} (demo took {time.perf_counter() - started:.1f} s)")
     return 0

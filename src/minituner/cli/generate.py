@@ -11,13 +11,18 @@ def register(subparsers) -> None:
         "generate", help="sample from a trained Mini-GPT run",
         description="Continue a prompt with a trained model.",
     )
-    parser.add_argument("--model", default="runs/demo/base", help="run folder")
+    parser.add_argument("--model", default="runs/demo/base",
+                        help="run folder (a base, merged, full-FT or LoRA/QLoRA run), or hf:DIR "
+                             "for a transformers model; --adapter DIR applies an adapter")
     parser.add_argument("--prompt", default="yesterday he", help="text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=20)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--num-samples", type=positive_int, default=1)
     parser.add_argument("--seed", type=nonneg_int, default=0)
+    from minituner.cli.hf_commands import add_hf_inference_flags
+
+    add_hf_inference_flags(parser)  # --adapter, --device for --model hf:DIR
     parser.set_defaults(func=run)
 
 
@@ -40,15 +45,23 @@ def generate_text(model, tokenizer, prompt: str, args) -> list:
         generated = row[len(prompt_ids):]
         if tokenizer.eos_id in generated:
             generated = generated[: generated.index(tokenizer.eos_id)]
-        texts.append(prompt + tokenizer.decode(generated))
+        continuation = getattr(tokenizer, "continuation_text", None)  # hf: tokenizers
+        texts.append(prompt + (continuation(prompt_ids, generated) if continuation
+                               else tokenizer.decode(generated)))
     return texts
 
 
 def run(args) -> int:
     """Print one line per sample."""
-    from minituner.runs import load_model
+    from minituner.hf import is_hf_spec
+    from minituner.loading import load_run
 
-    model, tokenizer, _ = load_model(args.model)
+    if is_hf_spec(args.model):  # a transformers model directory (hf:DIR)
+        from minituner.cli.hf_commands import load_hf_for_inference
+
+        model, tokenizer = load_hf_for_inference(args)
+    else:
+        model, tokenizer, _ = load_run(args.model, getattr(args, "adapter", None))
     for text in generate_text(model, tokenizer, args.prompt, args):
         print(text)
     return 0
