@@ -33,8 +33,10 @@ from minituner.lora import (
     install_lora_layers,
     is_linear_like,
     is_lora_name,
+    linear_features,
     lora_layers,
     pattern_value,
+    source_fan_in_fan_out,
     suffix_matches,
 )
 
@@ -48,7 +50,7 @@ _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])\.weigh
 _PEFT_INIT = {"kaiming": True, "gaussian_std": "gaussian", "gaussian": "gaussian"}
 _INIT_STD = {"gaussian": "1/sqrt(r)", "gaussian_std": "1/r", "kaiming": "uniform +-1/sqrt(in)"}
 # PEFT options that change the math or add tensors minituner does not implement.
-_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "modules_to_save", "lora_bias", "layer_replication",
+_UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "layer_replication",
                 "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
                 "use_qalora", "use_bdlora")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -108,8 +110,14 @@ def _peft_target_modules(model: nn.Module, requested, wrapped: list) -> list:
     return sorted(wrapped)
 
 
-def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter (tensors + PEFT config + minituner section) to ``directory`` atomically."""
+def save_adapter(
+    model: nn.Module, directory, base_model_name_or_path: str | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write the adapter (tensors + PEFT config + minituner section) to ``directory`` atomically.
+
+    ``extra`` (JSON-able) is stored as ``minituner.base`` (e.g. how the base was loaded).
+    """
     layers = lora_layers(model)
     settings = getattr(model, "lora_config", None)
     if not layers or not isinstance(settings, dict):
@@ -137,6 +145,8 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
         },
         "base_config": _base_config(model),
     }
+    if extra is not None:
+        section["base"] = extra
     if init == "gaussian":
         section["init_lora_weights_note"] = (
             "A was drawn with variance 1/r (std 1/sqrt(r)); PEFT has no such option and its "
@@ -149,7 +159,8 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
         "target_modules": _peft_target_modules(model, settings["target_modules"], wrapped),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": settings["use_rslora"],
+        "bias": "none", "use_rslora": settings["use_rslora"],
+        "fan_in_fan_out": any(source_fan_in_fan_out(layer.base) for _, layer in layers),
         "use_dora": False, "init_lora_weights": _PEFT_INIT[init], "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "rank_pattern": settings["rank_pattern"], "alpha_pattern": settings["alpha_pattern"],
@@ -179,6 +190,7 @@ def _parse_config(config: dict, path: Path) -> dict:
             "alpha": check_alpha(config.get("lora_alpha", 8), "lora_alpha"),
             "dropout": check_dropout(config.get("lora_dropout", 0.0), "lora_dropout"),
             "use_rslora": _check_bool(config.get("use_rslora", False), "use_rslora"),
+            "fan_in_fan_out": _check_bool(config.get("fan_in_fan_out", False), "fan_in_fan_out"),
             "rank_pattern": check_patterns(config.get("rank_pattern"), "rank_pattern", check_rank),
             "alpha_pattern": check_patterns(
                 config.get("alpha_pattern"), "alpha_pattern", check_alpha),
@@ -258,7 +270,7 @@ def _plan_plain(model: nn.Module, pairs: dict, settings: dict, path: Path) -> di
         base = module_names.get(module)
         if base is None or not is_linear_like(base):
             raise ValueError(f"{path}: the model has no Linear named {module!r}")
-        rank = _check_shapes(path, module, (base.in_features, base.out_features), pair, settings)
+        rank = _check_shapes(path, module, linear_features(base), pair, settings)
         layer = LoRALinear(
             base, r=rank, alpha=pattern_value(settings["alpha_pattern"], module, settings["alpha"]),
             dropout=settings["dropout"], init=settings["init"], use_rslora=settings["use_rslora"],
@@ -288,6 +300,17 @@ def _check_wrapped(model: nn.Module, pairs: dict, settings: dict, path: Path) ->
     return layers
 
 
+def _check_layout(model: nn.Module, modules: list, settings: dict, path: Path) -> None:
+    """fan_in_fan_out=True needs at least one adapted layer stored (in, out), as in GPT-2."""
+    if not settings["fan_in_fan_out"]:
+        return  # like PEFT, a Conv1D layer is read in its own layout whatever the flag says
+    found = dict(model.named_modules())
+    bases = [getattr(found[m], "base", found[m]) for m in modules if m in found]
+    if not any(source_fan_in_fan_out(base) for base in bases):
+        raise ValueError(f"{path}: fan_in_fan_out=True but none of the adapted layers is stored "
+                         "(in, out) like GPT-2's Conv1D (adapter for another architecture?)")
+
+
 def _check_fingerprint(model: nn.Module, settings: dict, path: Path, strict: bool) -> None:
     saved = settings["fingerprint"]
     if saved is None:
@@ -315,6 +338,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
     pairs = _parse_tensors(load_safetensors(weights_path), weights_path)
     if not pairs:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
+    _check_layout(model, sorted(pairs), settings, config_path)
     wrapped = bool(lora_layers(model))
     if wrapped:
         layers = _check_wrapped(model, pairs, settings, weights_path)

@@ -1,0 +1,192 @@
+"""The ``hf:DIR`` side of ``finetune``, ``merge``, ``eval`` and ``generate``.
+
+Not a command of its own: the Mini-GPT commands add these flags with ``add_hf_*_flags`` (a flag
+the command already has is left as it is) and hand an ``--model hf:DIR`` invocation to the
+``run_hf_*`` handlers here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minituner.cli.common import nonneg_int, positive_float, positive_int
+
+# Defaults of a transformers run, for the shared training flags left unset (the Mini-GPT
+# command's flags default to None and its own defaults suit a 100k-parameter model).
+HF_DEFAULTS = {"lr": 2e-4, "batch_size": 8, "steps": 100, "epochs": None, "eval_every": 25,
+               "checkpoint_every": 25, "rank": 8, "alpha": 16.0, "warmup": 0.05,
+               "weight_decay": 0.0, "grad_clip": 1.0, "grad_accum": 1, "seed": 0,
+               "method": "lora", "quant_scheme": "nf4_per_group_64", "dropout": 0.0,
+               "targets": "all-linear", "val_data": None}
+
+
+def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
+    """Add a flag unless the parser already has it (the command's own flag wins)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype."""
+    _add(parser, "--device", default="auto",
+         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    _add(parser, "--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+         help="compute dtype; auto = bf16 on CUDA with bf16 support, else fp32 (CPU bf16 "
+              "uses AMX where the CPU has it)")
+
+
+def add_hf_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``finetune --model hf:DIR`` that the Mini-GPT command does not have."""
+    _add(parser, "--model", metavar="hf:DIR",
+         help="fine-tune a transformers model directory instead of a Mini-GPT --base")
+    _add(parser, "--data", metavar="FILE.jsonl",
+         help='hf: training data, {"prompt", "completion"} or {"text"} per line')
+    _add(parser, "--val-fraction", type=positive_float, default=None,
+         help="hf: hold out this fraction of --data for validation (seeded)")
+    _add(parser, "--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    _add(parser, "--max-len", type=positive_int, default=None,
+         help="hf: tokens per example (default: the model's context); longer ones are cut")
+    _add(parser, "--strict-len", action="store_true",
+         help="hf: refuse an example longer than --max-len instead of truncating it")
+    _add(parser, "--chat-template", action="store_true",
+         help="hf: render each prompt with the tokenizer's chat template")
+    _add(parser, "--grad-checkpointing", action="store_true",
+         help="hf: recompute activations in backward (non-reentrant; less memory)")
+    _add(parser, "--quant-scheme", default=None, help="hf QLoRA: NF4 scheme (nf4_per_group_64)")
+    add_device_flags(parser)
+
+
+def hf_finetune_config(args):
+    """HFFinetuneConfig from defaults < --config file < explicit flags."""
+    from dataclasses import fields
+
+    from minituner.cli.common import load_config_file
+    from minituner.hf_finetune import HFFinetuneConfig
+
+    from_file = load_config_file(getattr(args, "config", None))
+    names = [f.name for f in fields(HFFinetuneConfig)]
+    unknown = sorted(set(from_file) - set(names))
+    if unknown:
+        raise ValueError(f"config file: unknown key(s) {unknown} for an hf: model")
+    values = {}
+    for name in names:
+        flag = getattr(args, name, None)
+        if flag is None or flag is False:  # unset flag (store_true flags default to False)
+            flag = from_file.get(name, HF_DEFAULTS.get(name, flag))
+        if flag is not None:
+            values[name] = flag
+    values["data"] = values.get("data") or getattr(args, "train_data", None)
+    if not values["data"]:
+        raise ValueError("--data: give the training JSONL file for an hf: model")
+    if isinstance(values.get("targets"), (list, tuple)):
+        values["targets"] = ",".join(values["targets"])
+    if values.get("epochs") is not None and getattr(args, "steps", None) is None:
+        values["steps"] = None
+    return HFFinetuneConfig(**values)
+
+
+def run_hf_finetune_command(args) -> int:
+    """Fine-tune with a progress bar on rank 0; print the settings first and the result last."""
+    from minituner.cli.trainflags import Progress
+    from minituner.distributed import shutdown_distributed
+    from minituner.hf import dtype_name
+    from minituner.hf_finetune import run_hf_finetune
+
+    cfg = hf_finetune_config(args)
+    progress = Progress(f"{cfg.method} r={cfg.rank}")
+    state = {"main": True}
+
+    def on_start(info: dict) -> None:
+        state["main"] = info["dist"].is_main
+        if not state["main"]:
+            return
+        data = info["data"]
+        print(f"device {info['device']} (--device {args.device}), dtype "
+              f"{dtype_name(info['dtype'])} (--dtype {args.dtype}), processes "
+              f"{info['dist'].world_size}, global batch {cfg.batch_size}, method {cfg.method} "
+              f"r={cfg.rank}, lr {cfg.lr:g}, steps {info['steps']}", flush=True)
+        if data.train.truncated:
+            lines = data.train.truncated
+            print(f"warning: {len(lines)} training example(s) longer than {data.max_len} tokens "
+                  f"were truncated (lines {lines[:5]}{' ...' if len(lines) > 5 else ''}); "
+                  "--strict-len refuses them instead", file=sys.stderr, flush=True)
+        if data.train.dropped:
+            print(f"warning: {len(data.train.dropped)} example(s) kept no completion token "
+                  "after truncation and were dropped", file=sys.stderr, flush=True)
+        progress.start(info["steps"])
+
+    def on_step(record: dict) -> None:
+        if state["main"]:
+            progress.on_step(record)
+
+    try:
+        results = run_hf_finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                                  on_step=on_step, device=args.device, on_start=on_start)
+    finally:
+        progress.close()
+        shutdown_distributed()
+    if state["main"]:
+        best = results["best_val_loss"]
+        print(f"{cfg.method} r={cfg.rank}: {results['steps']} steps in {results['wall_s']:.1f} s"
+              f", final loss {results['final_loss']:.4f}"
+              + (f", best val loss {best:.4f} at step {results['best_step']}" if best else "")
+              + f" -> {args.out}/adapter")
+    return 0
+
+
+def add_hf_merge_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``merge --model hf:DIR --adapter DIR --out DIR``."""
+    _add(parser, "--model", metavar="hf:DIR", help="transformers base (default: the adapter's)")
+    _add(parser, "--adapter", metavar="DIR", help="adapter directory (PEFT layout)")
+    _add(parser, "--out", metavar="DIR", help="output transformers directory")
+    _add(parser, "--target", choices=("dequantized", "requantized"), default=None,
+         help="dequantized: float weights (default); requantized: NF4, bitsandbytes layout")
+    _add(parser, "--overwrite", action="store_true")
+    _add(parser, "--device", default="cpu", help="cpu (default) or cuda")
+
+
+def run_hf_merge_command(args) -> int:
+    """Merge and print the report's numbers."""
+    from minituner.hf import resolve_device
+    from minituner.hf_merge import merge_hf_adapter
+
+    if not args.adapter or not args.out:
+        raise ValueError("merge of an hf: model needs --adapter DIR and --out DIR")
+    report = merge_hf_adapter(args.model, args.adapter, args.out, target=args.target,
+                              device=resolve_device(args.device), overwrite=args.overwrite)
+    memory, reloaded = report["merged_in_memory"], report["reloaded_from_directory"]
+    print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
+          f"diff| vs the unmerged adapter: {memory['max_abs_diff']:.3g} in memory, "
+          f"{reloaded['max_abs_diff']:.3g} after reloading (report: {args.out}/merge_report.json)")
+    return 0
+
+
+def load_hf_for_inference(args):
+    """(ModelView, TokenizerView) of --model hf:DIR, with --adapter applied when given."""
+    from minituner.hf import load_hf_tokenizer, resolve_device
+    from minituner.hf_load import load_base
+    from minituner.hf_merge import adapter_base_record
+    from minituner.hf_views import hf_views
+
+    device = resolve_device(getattr(args, "device", "cpu") or "cpu")
+    adapter = getattr(args, "adapter", None)
+    if adapter:
+        from minituner.adapters import load_adapter
+
+        record = adapter_base_record(adapter, args.model)
+        model = load_adapter(load_base(record, device=device, path=args.model), adapter)
+    else:
+        from minituner.hf import load_hf_model
+
+        model = load_hf_model(args.model, device=device)
+    return hf_views(model.eval(), load_hf_tokenizer(args.model))
+
+
+def add_hf_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """--adapter and --device for ``eval`` / ``generate`` of an hf: model."""
+    _add(parser, "--adapter", metavar="DIR", help="adapter to apply to an hf: model")
+    _add(parser, "--device", default="cpu", help="cpu (default) or cuda")
+    _add(parser, "--seed", type=nonneg_int, default=0)

@@ -1,0 +1,90 @@
+"""``minituner merge``: fold an adapter into its base and write a model you can load alone.
+
+A Mini-GPT run (``--model RUN``, a LoRA/QLoRA run folder or a base with ``--adapter``) becomes a
+model run folder; a transformers base (``--model hf:DIR``) becomes a transformers directory
+that ``AutoModelForCausalLM.from_pretrained`` loads. Both report how far the merged model's
+logits are from the unmerged adapter model's.
+"""
+
+from __future__ import annotations
+
+from minituner.cli.trainflags import one_line_errors
+
+
+def register(subparsers) -> None:
+    """Add the ``merge`` subcommand."""
+    parser = subparsers.add_parser(
+        "merge", help="merge an adapter into its base and write the merged model",
+        description="dequantized (default): float weights, outputs equal the unmerged model up "
+                    "to rounding; requantized: an NF4 base is quantized again with fresh scales "
+                    "(outputs move; the report says how far).",
+    )
+    parser.add_argument("--model", default=None,
+                        help="Mini-GPT run folder, or hf:DIR (default for an hf adapter: the "
+                             "base it records)")
+    parser.add_argument("--adapter", default=None, help="adapter folder (PEFT layout)")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--target", choices=("dequantized", "requantized"), default=None,
+                        help="dequantized (default) or requantized")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    from minituner.cli.hf_commands import add_hf_merge_flags
+
+    add_hf_merge_flags(parser)  # --device for transformers models
+    one_line_errors(parser)
+    parser.set_defaults(func=run)
+
+
+def _is_hf(args) -> bool:
+    from minituner.hf import is_hf_spec
+    from minituner.hf_merge import recorded_hf_base
+
+    if args.model is not None:
+        return is_hf_spec(args.model)
+    if args.adapter is None:
+        raise ValueError("merge needs --model (a run folder or hf:DIR), --adapter, or both")
+    if recorded_hf_base(args.adapter) is None:
+        raise ValueError(f"--model: {args.adapter} does not record a transformers base; give "
+                         "the base (a Mini-GPT run folder or hf:DIR)")
+    return True
+
+
+def merge_minigpt(args) -> dict:
+    """Merge a Mini-GPT LoRA/QLoRA adapter and write a model run folder; returns the report."""
+    import torch
+
+    from minituner.files import atomic_write_json
+    from minituner.loading import load_run
+    from minituner.lora import merge_and_unload, merge_lora
+    from minituner.runs import prepare_run_dir, save_model, write_config
+
+    if args.model is None:
+        raise ValueError("--model: give the Mini-GPT run folder (or hf:DIR)")
+    model, tokenizer, description = load_run(args.model, args.adapter)
+    probe = torch.randint(0, model.config.vocab_size, (8, model.config.context_len),
+                          generator=torch.Generator().manual_seed(0))
+    quantized = description.get("adapter_kind") == "qlora"
+    if args.target == "requantized" and not quantized:
+        raise ValueError("--target requantized needs a QLoRA adapter (an NF4 base)")
+    report = merge_lora(model, probe=probe, target=args.target if quantized else None)
+    merge_and_unload(model)
+    config = {"kind": "merged", "model": model.config.to_dict(), "merged_from": description,
+              "merge": {"target": report.target, "n_layers": report.n_layers,
+                        "max_abs_diff": report.max_abs_diff,
+                        "mean_abs_diff": report.mean_abs_diff}}
+    prepare_run_dir(args.out, config, overwrite=args.overwrite)
+    save_model(args.out, model, tokenizer)
+    write_config(args.out, config)
+    atomic_write_json(f"{args.out}/merge_report.json", config["merge"])
+    return config["merge"]
+
+
+def run(args) -> int:
+    """Merge, write, print the drift."""
+    if _is_hf(args):
+        from minituner.cli.hf_commands import run_hf_merge_command
+
+        return run_hf_merge_command(args)
+    report = merge_minigpt(args)
+    print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
+          f"diff| vs the unmerged model {report['max_abs_diff']:.3g}")
+    return 0
