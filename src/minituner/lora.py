@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from minituner.lora_fused import fused_kind, fused_lora_forward
 from minituner.lora_merge import (  # re-exported: merging is part of the LoRA API
     MergeReport,
     merge_and_unload,
@@ -32,10 +33,12 @@ from minituner.lora_merge import (  # re-exported: merging is part of the LoRA A
 __all__ = [
     "ALL_LINEAR", "KNOWN_INITS", "MINIGPT_TARGETS", "LoRALinear", "MergeReport", "apply_lora",
     "check_alpha", "check_dropout", "check_init", "check_patterns", "check_rank",
-    "count_lora_params", "disable_adapters", "install_lora_layers", "is_linear_like",
+    "count_lora_params", "disable_adapters", "install_lora_layers", "is_fan_in_fan_out",
+    "is_linear_like",
     "is_lora_name", "linear_features", "load_lora_state_dict", "lora_layers", "lora_param_table",
     "lora_ratio", "lora_scaling", "lora_state_dict", "merge_and_unload", "merge_lora",
     "output_drift", "pattern_value", "resolve_target_modules", "run_probe", "set_submodule",
+    "source_fan_in_fan_out",
     "suffix_matches", "unmerge_lora", "wrap_minigpt_with_lora",
 ]
 
@@ -79,11 +82,32 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def is_fan_in_fan_out(base: nn.Module) -> bool:
+    """True for a layer whose weight is stored (in, out), like GPT-2's Conv1D (nx in, nf out).
+
+    Recognised by shape, without importing transformers: int ``nx`` / ``nf`` attributes and a
+    2-D ``weight`` of shape (nx, nf).
+    """
+    nx, nf = getattr(base, "nx", None), getattr(base, "nf", None)
+    weight = getattr(base, "weight", None)
+    return (
+        isinstance(nx, int) and isinstance(nf, int) and isinstance(weight, torch.Tensor)
+        and tuple(weight.shape) == (nx, nf)
+    )
+
+
+def source_fan_in_fan_out(base: nn.Module) -> bool:
+    """True when the layer is, or was built from, a fan-in-fan-out layer (a quantized Conv1D)."""
+    return is_fan_in_fan_out(base) or bool(getattr(base, "source_fan_in_fan_out", False))
+
+
 def linear_features(base: nn.Module) -> tuple:
     """(in_features, out_features) of a layer LoRA can wrap (nn.Linear or anything exposing both).
 
-    A base stored fan-in-fan-out (GPT-2's Conv1D, weight (in, out)) would be recognised here.
+    A base stored fan-in-fan-out (GPT-2's Conv1D, weight (in, out)) gives (nx, nf).
     """
+    if is_fan_in_fan_out(base):
+        return base.nx, base.nf
     features = getattr(base, "in_features", None), getattr(base, "out_features", None)
     if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in features):
         raise ValueError(
@@ -93,7 +117,8 @@ def linear_features(base: nn.Module) -> tuple:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for layers LoRA can wrap: nn.Linear, or a module with in/out_features (NF4 linear)."""
+    """True for layers LoRA can wrap: nn.Linear, GPT-2's Conv1D, or a module with
+    in/out_features (NF4 linear)."""
     if isinstance(module, LoRALinear):
         return False
     if isinstance(module, nn.Linear):
@@ -138,9 +163,10 @@ class LoRALinear(nn.Module):
         self.base = base
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(self.r, self.alpha, use_rslora)
-        self.fan_in_fan_out = False  # True for a base whose weight is stored (in, out)
+        self.fan_in_fan_out = is_fan_in_fan_out(base)  # weight stored (in, out): Conv1D
         self.disabled = False
         self.merged = False
+        self.fused = True  # one autograd function for base + update when the base allows it
         dtype, device = _adapter_dtype_device(base)
         where = {"dtype": dtype, "device": device}
         self.lora_A = nn.Parameter(torch.zeros(self.r, self.in_features, **where))
@@ -175,10 +201,16 @@ class LoRALinear(nn.Module):
             self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(self.r, self.alpha, self.use_rslora)
 
+    def _dropout_active(self) -> bool:
+        return self.dropout_p > 0 and self.training
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.r == 0 or self.disabled or self.merged:
-            return out
+            return self.base(x)
+        kind = fused_kind(self.base, x) if self.fused and not self._dropout_active() else None
+        if kind is not None:
+            return fused_lora_forward(self, x, kind)
+        out = self.base(x)
         lora_in = self.dropout(x).to(self.lora_A.dtype)
         update = (lora_in @ self.lora_A.T) @ self.lora_B.T
         return out + (self.scaling * update).to(out.dtype)
@@ -201,13 +233,19 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _shift_base_weight(self, sign: float) -> None:
-        weight = self.base.weight
+        weight, a, b = self.base.weight, self.lora_A, self.lora_B
+        if weight.dtype == a.dtype and weight.device == a.device and self.r > 0:
+            # W += sign * scaling * B @ A as one in-place GEMM: no (out, in) temporary
+            left, right = (a.t(), b.t()) if self.fan_in_fan_out else (b, a)
+            weight.addmm_(left, right, alpha=sign * self.scaling)
+            return
         weight.add_((sign * self.delta_weight()).to(device=weight.device, dtype=weight.dtype))
 
     def extra_repr(self) -> str:
         return (
             f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, init={self.init!r}, "
             f"dropout={self.dropout_p:g}, use_rslora={self.use_rslora}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )
 
 
@@ -258,7 +296,8 @@ def _tied_to_embedding(model: nn.Module, module: nn.Module) -> bool:
         return False
     for other in model.modules():
         if isinstance(other, nn.Embedding) and (
-            other.weight is weight or other.weight.data_ptr() == weight.data_ptr()
+            other.weight is weight
+            or (not weight.is_meta and other.weight.data_ptr() == weight.data_ptr())
         ):
             return True
     return False

@@ -19,6 +19,13 @@ COMMAND_MODULES = [
     "demo",
     "count",
     "quiz",
+    "memory",
+    "finetune",
+    "eval",
+    "sweep",
+    "report",
+    "experiment",
+    "merge",
 ]
 
 

@@ -1,0 +1,137 @@
+"""Language-model head plus cross-entropy, computed in chunks of tokens.
+
+A causal LM's loss needs ``logits = hidden @ W^T`` over the whole vocabulary: for GPT-2
+(50,257 tokens) at batch 4 x 128 that is a 103 MB fp32 tensor, and autograd's plain path
+holds it, its log-softmax and their gradients (about four such tensors at the peak).
+:func:`chunked_lm_loss` walks the tokens in chunks: each chunk's logits are made, turned into
+their loss and their gradient (``softmax - onehot``, divided by the token count) at once, and
+the gradient is pushed through the head right away (``grad_hidden = G W``, and ``G^T hidden``
+into the head's weight gradient when it trains). Only one chunk of logits exists at a time;
+the FLOPs are those of the plain path, nothing is recomputed. The backward then just scales
+the stored gradients by the incoming one.
+
+Logits are made in the hidden dtype and upcast to fp32 for the softmax, as transformers does.
+The gradients are computed in the forward only when an input needs one (training); under
+``torch.no_grad`` this is a memory-light loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB of fp32
+
+
+def chunk_rows(vocab_size: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits hold about ``chunk_elements`` values."""
+    return max(16, chunk_elements // max(1, vocab_size))
+
+
+class ChunkedLMLoss(torch.autograd.Function):
+    """loss = CE(hidden @ weight^T + bias, targets), gradients made chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, rows, mean):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        valid_all = targets != ignore_index
+        count = int(valid_all.sum())
+        divisor = float(max(count, 1)) if mean else 1.0
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if need_weight else None)
+        grad_bias = (torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                     if need_bias else None)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            valid = valid_all[start:start + rows]
+            index = torch.where(valid, targets[start:start + rows], 0).unsqueeze(1)
+            logits = (torch.mm(h, weight.t()) if bias is None
+                      else torch.addmm(bias, h, weight.t())).float()
+            lse = torch.logsumexp(logits, dim=1)
+            picked = logits.gather(1, index).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            probs.scatter_add_(1, index, -valid.to(probs.dtype).unsqueeze(1))
+            probs.mul_((valid.to(probs.dtype) / divisor).unsqueeze(1))
+            grad_logits = probs.to(hidden.dtype)
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:start + rows])
+            if need_weight:
+                grad_weight += torch.mm(grad_logits.t(), h).float()
+            if need_bias:
+                grad_bias += probs.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        out = [None, None, None]
+        if grad_hidden is not None:
+            out[0] = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            out[1] = (grad_weight * grad_loss).to(weight_dtype)
+        if grad_bias is not None:
+            out[2] = (grad_bias * grad_loss).to(bias_dtype)
+        return (*out, None, None, None, None)
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight^T (+ bias)`` against ``targets``, chunk by chunk.
+
+    ``hidden`` (..., d) and ``targets`` (...) hold one row per token; targets equal to
+    ``ignore_index`` count for nothing. ``reduction`` "mean" divides by the counted tokens,
+    "sum" does not. Equal to ``F.cross_entropy(hidden @ weight.T, targets)`` up to float
+    summation order, with the full logits tensor never in memory.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden "
+                         f"{tuple(hidden.shape)} without its last dimension")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if targets.dtype.is_floating_point:
+        raise ValueError(f"targets must hold integer token ids, got {targets.dtype}")
+    rows = chunk_rows(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    if rows < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return ChunkedLMLoss.apply(flat, weight, bias, targets.reshape(-1), ignore_index, rows,
+                               reduction == "mean")
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, ignore_index: int = -100,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """Mean next-token loss of a transformers causal LM, the head and loss run chunked.
+
+    Position t predicts ``labels[:, t + 1]`` (``labels`` defaults to ``input_ids``), the same
+    shift and mean as ``model(input_ids, labels=labels).loss``. The body is the model's
+    ``base_model_prefix`` module, the head its output embeddings (weight and optional bias).
+    """
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(body, nn.Module) or not isinstance(getattr(head, "weight", None),
+                                                         torch.Tensor):
+        raise ValueError(f"{type(model).__name__}: no base model and output head to split the "
+                         "loss over")
+    labels = input_ids if labels is None else labels
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                  use_cache=False).last_hidden_state
+    return chunked_lm_loss(hidden[:, :-1], head.weight, labels[:, 1:],
+                           getattr(head, "bias", None), ignore_index, chunk_size)
