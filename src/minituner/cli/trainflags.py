@@ -8,8 +8,10 @@ import sys
 from typing import TYPE_CHECKING
 
 from minituner.cli.common import (
+    fraction,
     load_config_file,
     merge_config,
+    nonneg_float,
     nonneg_int,
     positive_float,
     positive_int,
@@ -30,28 +32,6 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.error = error
     return parser
-
-
-def fraction(text: str) -> float:
-    """argparse type: a float in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    """argparse type: a float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def finetune_defaults() -> dict:
