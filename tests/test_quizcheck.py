@@ -29,7 +29,8 @@ def _results(**changes) -> dict:
         "command": "minituner experiment --seed 0",
         "seed": 0,
         "lora_r8": {"control_ppl_change": 0.021, "irregular_accuracy_tuned": 0.93},
-        "full_ft": {"control_ppl_change": 0.12},
+        # Shaped like the committed results: full fine-tuning forgot a little less than LoRA.
+        "full_ft": {"control_ppl_change": 0.015},
         "sweep": {
             "ranks": [2, 4, 8, 16, 32],
             "irregular_accuracy": [0.70, 0.85, 0.93, 0.94, 0.94],
@@ -128,6 +129,7 @@ def test_results_checks_read_the_file(quiz, tmp_path):
     [
         ({"lora_r8__control_ppl_change": 0.08}, "forgetting_from_results", {3}),
         ({"full_ft__control_ppl_change": 0.01}, "forgetting_from_results", {2}),
+        ({"full_ft__control_ppl_change": 0.12}, "forgetting_from_results", {1}),
         ({"lora_r8__control_ppl_change": 0.0, "full_ft__control_ppl_change": 0.0},
          "forgetting_from_results", {2, 4}),
         ({"sweep__elbow_rank": 32}, "rank_sweep_from_results", {2}),
