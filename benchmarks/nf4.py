@@ -2,7 +2,10 @@
 
 Each timing is the median of 5 runs (min and max kept); the libraries take turns within every
 run, so load changes on a shared machine hit them alike. The copy floor is a clone of a 64 MB
-fp32 tensor (4096 x 4096): the cost of just writing a dequantized matrix that size.
+fp32 tensor (4096 x 4096): the cost of just writing a dequantized matrix that size; each size
+and dtype also gets its own floor (a clone of the input, timed in the same turns), and every
+dequantize time is reported as a multiple of it. Goals, per size and dtype: minituner
+quantizes no slower than bitsandbytes (ratio <= 1.0) and dequantizes within 1.5x of it.
 minituner's dequantization is timed both into a fresh tensor (as the others) and into a reused
 buffer (``out=``, what QuantizedLinear does). Writes benchmarks/results/nf4.json and prints a
 markdown table.
@@ -91,6 +94,7 @@ def bench_size(side: int, dtype: torch.dtype, libs) -> list:
             prepared[name] = operations(name, quantize, dequantize, w)
             row["mean_abs_error"] = prepared[name]["mean_abs_error"]
         rows.append(row)
+    prepared["copy"] = {"ops": {"clone": w.clone}}  # this size's copy floor, in the same turns
     times = {(name, op): [] for name, p in prepared.items() for op in p["ops"]}
     for repeat in range(REPEATS + 1):  # the first round warms up
         for (name, op), samples in times.items():
@@ -98,10 +102,14 @@ def bench_size(side: int, dtype: torch.dtype, libs) -> list:
             prepared[name]["ops"][op]()
             if repeat:
                 samples.append((time.perf_counter() - start) * 1000)
+    floor = summary(times[("copy", "clone")])
     for row in rows:
         for (name, op), samples in times.items():
             if name == row["library"]:
                 row[op] = summary(samples)
+        if "dequantize" in row:
+            row["copy_floor"] = floor
+            row["dequantize_over_copy_floor"] = row["dequantize"]["median_ms"] / floor["median_ms"]
     return rows
 
 
@@ -164,7 +172,7 @@ def markdown(rows: list, floor: dict) -> str:
                       f"{ratio['dequantize_into_buffer']:.2f}") if ratio else ""
         lines.append(f"| {shape} | {r['dtype']} | {r['library']} | {r['mean_abs_error']:.4e} "
                      f"| {cell(r['quantize'])} | {cell(r['dequantize'])} | {buffer} "
-                     f"| {ratio_text} | {r['dequantize_over_copy_floor']:.1f} |")
+                     f"| {ratio_text} | {r.get('dequantize_over_copy_floor', float('nan')):.1f} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: fresh child processes, memory readings, result files.
+
+The parent side imports no torch, so its own memory never leaks into a child's readings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+             "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _status_field(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def vm_hwm_bytes() -> int:
+    """Peak resident bytes of this process image so far (VmHWM; not inherited across exec)."""
+    return _status_field("VmHWM")
+
+
+def vm_rss_bytes() -> int:
+    """Resident bytes of this process now (VmRSS)."""
+    return _status_field("VmRSS")
+
+
+def load_average() -> list:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_record() -> dict:
+    """What the results depend on: CPU, core count, memory, Python and library versions."""
+    from minituner.files import package_versions
+
+    try:
+        with open("/proc/meminfo") as handle:
+            mem_total = int(handle.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        mem_total = None
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "mem_total_bytes": mem_total,
+            "platform": platform.platform(), "versions": package_versions()}
+
+
+def run_json_child(args: list, env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run ``python ARGS`` in a fresh process; return the JSON object on its last stdout line."""
+    command = [sys.executable, *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            timeout=timeout, env={**os.environ, **CHILD_ENV, **(env or {})})
+    if result.returncode != 0:
+        raise SystemExit(f"child failed ({' '.join(command[1:])}):\n{result.stderr[-4000:]}")
+    lines = [line for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"child printed no JSON ({' '.join(command[1:])}):\n"
+                         f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def write_results(path: Path, record: dict) -> None:
+    """Write a result JSON atomically, with the machine record and a timestamp added."""
+    from minituner.files import atomic_write_json
+
+    atomic_write_json(path, {**record, "machine": machine_record(),
+                             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def median_spread(values: list) -> dict:
+    """Median, min and max of a list of numbers."""
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return {"median": median, "min": ordered[0], "max": ordered[-1], "n": n}
