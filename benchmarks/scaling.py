@@ -21,7 +21,7 @@ the "LoRA pays off" points use CPU time.
 Slopes are least-squares fits of log(value) against log(d_model) or log(seq). The plot
 (log-log axes) is written to benchmarks/results/scaling.png.
 
-    .venv/bin/python benchmarks/scaling.py            # both sweeps, 5 timed steps (~3 min)
+    .venv/bin/python benchmarks/scaling.py            # both sweeps, 3 timed steps (~4 min)
     .venv/bin/python benchmarks/scaling.py --quick    # fewer points, 3 timed steps
 """
 
@@ -138,6 +138,16 @@ def slope(xs: list, ys: list) -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den
 
 
+def from_on(sizes: list, winning: list):
+    """The smallest size from which every larger measured size is in ``winning`` (or None)."""
+    start = None
+    for size in sorted(sizes, reverse=True):
+        if size not in winning:
+            break
+        start = size
+    return start
+
+
 def summarize(rows: list, sweep: str, key: str) -> dict:
     """Slopes per method (all points and the upper half), and where LoRA first beats full FT."""
     out = {"sweep": sweep, "x": key, "slopes": {}, "lora_pays_off": {}}
@@ -159,9 +169,10 @@ def summarize(rows: list, sweep: str, key: str) -> dict:
                   if p[key] in full and p[TIME_KEY] < full[p[key]][TIME_KEY]]
         smaller = [p[key] for p in by_method[method]
                    if p[key] in full and p["peak_growth_bytes"] < full[p[key]]["peak_growth_bytes"]]
-        out["lora_pays_off"][method] = {"faster_than_full_from": min(faster, default=None),
+        sizes = [p[key] for p in by_method[method] if p[key] in full]
+        out["lora_pays_off"][method] = {"faster_than_full_from": from_on(sizes, faster),
                                         "faster_at": faster,
-                                        "less_memory_than_full_from": min(smaller, default=None),
+                                        "less_memory_than_full_from": from_on(sizes, smaller),
                                         "less_memory_at": smaller}
     return out
 
@@ -221,12 +232,14 @@ def markdown(rows: list, summaries: list) -> str:
             lines.append(f"| {s['sweep']} | {method} | {fmt(sl['step_time_all'])} / "
                          f"{fmt(sl['step_time_upper'])} | {fmt(sl['peak_growth_all'])} / "
                          f"{fmt(sl['peak_growth_upper'])} |")
-    lines += ["", "| sweep | method | faster than full FT at | less memory than full FT at |",
-              "|---|---|---|---|"]
+    lines += ["", "| sweep | method | faster than full FT from (at) | less memory than full FT "
+              "from (at) |", "|---|---|---|---|"]
     for s in summaries:
         for method, pay in s["lora_pays_off"].items():
-            lines.append(f"| {s['sweep']} | {method} | {pay['faster_at'] or 'never'} "
-                         f"| {pay['less_memory_at'] or 'never'} |")
+            lines.append(f"| {s['sweep']} | {method} | {pay['faster_than_full_from'] or 'never'} "
+                         f"({pay['faster_at'] or 'none'}) "
+                         f"| {pay['less_memory_than_full_from'] or 'never'} "
+                         f"({pay['less_memory_at'] or 'none'}) |")
     return "\n".join(lines)
 
 
@@ -234,7 +247,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "D_MODEL", "SEQ"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: CPU time is then the work done)")
     parser.add_argument("--quick", action="store_true", help="3 sizes per sweep, 3 steps")

@@ -77,7 +77,18 @@ def test_bad_arguments_are_named():
         chunked_lm_loss(hidden, weight[:, :-1], targets)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_lm_loss(hidden, weight, targets, chunk_size=0)
-    assert chunk_rows(50257) == (1 << 23) // 50257
+
+
+
+def test_chunks_are_balanced_and_within_the_budget():
+    assert chunk_rows(508, 50257) == 254  # 333 fit in 2**24 values: two chunks of 254
+    assert chunk_rows(300, 50257) == 300  # one chunk
+    assert chunk_rows(10_000, 50257) * 50257 <= 1 << 24
+    assert chunk_rows(5, 10**9) == 5  # at least 16 rows per chunk, never more than the tokens
+    hidden, weight, _, targets = inputs()
+    default = chunked_lm_loss(hidden, weight, targets)
+    assert torch.allclose(default, chunked_lm_loss(hidden, weight, targets, chunk_size=4),
+                          atol=1e-5)
 
 
 def test_causal_lm_loss_equals_transformers_loss(toy_hf_model):
