@@ -1,14 +1,14 @@
 """NF4 quantize / dequantize speed: minituner vs bitsandbytes vs torchao, one process.
 
-Each timing is the median of 5 runs (min and max kept); the libraries take turns within every
-run, so load changes on a shared machine hit them alike. The copy floor is a clone of a 64 MB
-fp32 tensor (4096 x 4096): the cost of just writing a dequantized matrix that size; each size
-and dtype also gets its own floor (a clone of the input, timed in the same turns), and every
-dequantize time is reported as a multiple of it. Goals, per size and dtype: minituner
-quantizes no slower than bitsandbytes (ratio <= 1.0) and dequantizes within 1.5x of it.
-minituner's dequantization is timed both into a fresh tensor (as the others) and into a reused
-buffer (``out=``, what QuantizedLinear does). Writes benchmarks/results/nf4.json and prints a
-markdown table.
+Each timing is the median of 5 runs (3 at 8192 x 8192; min and max kept); the libraries take
+turns within every run, so load changes on a shared machine hit them alike. The copy floor is a
+clone of a 64 MB fp32 tensor (4096 x 4096): the cost of just writing a dequantized matrix that
+size; each size and dtype also gets its own floor (a clone of the input, timed in the same
+turns), and every dequantize time is reported as a multiple of it. Goals, per size and dtype:
+minituner quantizes no slower than bitsandbytes (ratio <= 1.0) and dequantizes within 1.5x of
+it. minituner's dequantization is timed both into a fresh tensor (as the others) and into a
+reused buffer (``out=``, what QuantizedLinear does). Writes benchmarks/results/nf4.json and
+prints a markdown table.
 
     .venv/bin/python benchmarks/nf4.py            # sizes 64^2 .. 8192^2, fp32 and bf16
     .venv/bin/python benchmarks/nf4.py --quick    # sizes up to 4096^2
@@ -33,6 +33,7 @@ from minituner.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "nf4.json"
 REPEATS = 5
+LARGE_SIDE, LARGE_REPEATS = 8192, 3  # 8192^2 takes seconds per call in torchao: 3 timed rounds
 GOALS = {"quantize": 1.0, "dequantize": 1.5}  # minituner / bitsandbytes, at most
 
 
@@ -96,7 +97,8 @@ def bench_size(side: int, dtype: torch.dtype, libs) -> list:
         rows.append(row)
     prepared["copy"] = {"ops": {"clone": w.clone}}  # this size's copy floor, in the same turns
     times = {(name, op): [] for name, p in prepared.items() for op in p["ops"]}
-    for repeat in range(REPEATS + 1):  # the first round warms up
+    repeats = LARGE_REPEATS if side >= LARGE_SIDE else REPEATS
+    for repeat in range(repeats + 1):  # the first round warms up
         for (name, op), samples in times.items():
             start = time.perf_counter()
             prepared[name]["ops"][op]()
@@ -104,6 +106,7 @@ def bench_size(side: int, dtype: torch.dtype, libs) -> list:
                 samples.append((time.perf_counter() - start) * 1000)
     floor = summary(times[("copy", "clone")])
     for row in rows:
+        row["repeats"] = repeats
         for (name, op), samples in times.items():
             if name == row["library"]:
                 row[op] = summary(samples)

@@ -4,9 +4,11 @@ Each benchmark runs as its own process with its default settings and writes its 
 benchmarks/results/; this script records the load average before each one (the machine is
 shared: timings are only comparable inside one benchmark), the wall time of each, and writes
 benchmarks/results/run_all.json and benchmarks/results/summary.md (every table the benchmarks
-printed). The default set (train_step, nf4, merge, scaling, hf_load) is planned for under 15
-minutes on 2 quiet cores; --full adds the train-step ablations and the QLoRA-vs-LoRA and
-memory-planner benchmarks.
+printed), then rewrites the generated benchmark tables in README.md (between its markers; see
+readme_section.py) unless --quick or --no-readme is given. The default set (train_step, nf4,
+merge, scaling, hf_load) is planned for under 15 minutes on 2 quiet cores; --full adds the
+train-step ablations and the QLoRA-vs-LoRA and memory-planner benchmarks. A run of only some
+benchmarks (--only) keeps the other records of the previous call, each with its own date.
 
     .venv/bin/python benchmarks/run_all.py                    # the whole set
     .venv/bin/python benchmarks/run_all.py --quick            # each benchmark's --quick mode
@@ -66,6 +68,7 @@ def run(name: str, quick: bool) -> dict:
                             env={**os.environ, **CHILD_ENV})
     record = {"name": name, "command": " ".join(["benchmarks/" + script, *command[2:]]),
               "returncode": result.returncode, "wall_s": time.perf_counter() - started,
+              "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_average_before": load_before, "load_average_after": load_average(),
               "stdout": result.stdout}
     if result.returncode != 0:
@@ -109,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true",
                         help="also the train-step ablations, qlora_vs_lora and "
                              "memory_validation (about 12 more minutes)")
+    parser.add_argument("--no-readme", dest="readme", action="store_false",
+                        help="leave README.md as it is (a --quick run never touches it)")
     parser.add_argument("--wait-for-quiet", type=float, default=0.0, metavar="SECONDS",
                         help=f"first wait up to SECONDS for a 1-min load below {QUIET_LOAD}")
     args = parser.parse_args(argv)
@@ -136,6 +141,10 @@ def main(argv=None) -> int:
         "note": "runs from an earlier call are kept when a call reruns only some benchmarks "
                 "(--only); each run has its own load average and time",
     })
+    if args.readme and not args.quick:
+        from readme_section import update_readme
+
+        update_readme(HERE.parent / "README.md", records)
     print(summary)
     print(f"\nall benchmarks: {total:.0f} s", file=sys.stderr)
     return 0 if all(r["returncode"] == 0 for r in records) else 1

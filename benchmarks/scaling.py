@@ -212,7 +212,12 @@ def plot(rows: list, path: Path) -> None:
 
 
 def markdown(rows: list, summaries: list) -> str:
-    """Tables of the points and the fitted slopes."""
+    """Tables of the points, then the fitted slopes and crossovers."""
+    return rows_markdown(rows) + "\n\n" + summary_markdown(summaries)
+
+
+def rows_markdown(rows: list) -> str:
+    """One table row per measured point."""
     lines = ["| sweep | d_model | seq | method | step CPU ms (median, min-max) "
              "| step wall ms (median) | peak RSS growth MB | trainable params |",
              "|---|---|---|---|---|---|---|---|"]
@@ -221,8 +226,13 @@ def markdown(rows: list, summaries: list) -> str:
                      f"| {r['step_cpu_s_median'] * 1e3:.1f} ({r['step_cpu_s_min'] * 1e3:.1f}-"
                      f"{r['step_cpu_s_max'] * 1e3:.1f}) | {r['step_s_median'] * 1e3:.1f} "
                      f"| {r['peak_growth_bytes'] / 1e6:.1f} | {r['trainable_params']:,} |")
-    lines += ["", "| sweep | method | time slope (all / upper half) | memory slope "
-              "(all / upper half) |", "|---|---|---|---|"]
+    return "\n".join(lines)
+
+
+def summary_markdown(summaries: list) -> str:
+    """The log-log slopes per method and where LoRA / QLoRA beat full fine-tuning."""
+    lines = ["| sweep | method | time slope (all / upper half) | memory slope "
+             "(all / upper half) |", "|---|---|---|---|"]
 
     def fmt(value):
         return "n/a" if value is None else f"{value:.2f}"
