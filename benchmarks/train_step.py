@@ -334,6 +334,14 @@ def compare(rows: dict, paired: dict) -> list:
             "loss_tolerance": LOSS_TOLERANCE,
             "loss_goal_met": max(diffs[:3]) <= LOSS_TOLERANCE,
         }
+        entry["loss_abs_diff_step_1"] = diffs[0]  # the same weights on both sides
+        twins = [rows.get(name.removesuffix("-bf16") + "-fp32") if name.endswith("-bf16")
+                 else None for name in (ours_name, anchor_name)]
+        if None not in twins:  # bf16: each side's distance from its own fp32 run
+            entry["loss_max_abs_diff_from_own_fp32_first_steps"] = {
+                side: _max_diff(run["losses"][:3], twin["losses"][:3])
+                for side, run, twin in zip(("minituner", "anchor"), (ours, anchor), twins,
+                                           strict=True)}
         plain = rows.get(ours_name + "-plain")
         if plain is not None:  # the plain path's own distance to the anchor: the noise floor
             entry["loss_max_abs_diff_plain_path_first_steps"] = max(
@@ -342,6 +350,10 @@ def compare(rows: dict, paired: dict) -> list:
             entry["host_peak_rss_ratio"] = ours["peak_rss_bytes"] / anchor["peak_rss_bytes"]
         out.append(entry)
     return out
+
+
+def _max_diff(first: list, second: list) -> float:
+    return max(abs(a - b) for a, b in zip(first, second, strict=False))
 
 
 def _ablation_base(cfg: dict) -> str:
@@ -397,7 +409,8 @@ def markdown(rows: dict, comparisons: list, ablation_rows: list) -> str:
                      f"| {_mb(r['peak_rss_after_load_bytes'])} | {r['load_s']:.1f} "
                      f"| {r['trainable_params']:,} |")
     lines += ["", "| minituner vs anchor | step ratio, paired (goal) | step ratio, own "
-              "processes | peak memory ratio (goal) | loss diff, first 3 steps (all 7) |",
+              "processes | peak memory ratio (goal) | loss diff, first 3 steps (goal) "
+              "[step 1; all steps] |",
               "|---|---|---|---|---|"]
 
     def verdict(met):
@@ -405,7 +418,12 @@ def markdown(rows: dict, comparisons: list, ablation_rows: list) -> str:
 
     def floor_note(c):
         floor = c.get("loss_max_abs_diff_plain_path_first_steps")
-        return "" if floor is None else f"; plain path: {floor:.1e}"
+        note = "" if floor is None else f"; plain path: {floor:.1e}"
+        from_fp32 = c.get("loss_max_abs_diff_from_own_fp32_first_steps")
+        if from_fp32:
+            note += (f"; from own fp32 run: minituner {from_fp32['minituner']:.1e}, "
+                     f"anchor {from_fp32['anchor']:.1e}")
+        return note
 
     for c in comparisons:
         paired_range = c["step_ratio_paired_min_max"]
@@ -416,8 +434,9 @@ def markdown(rows: dict, comparisons: list, ablation_rows: list) -> str:
             f"{c['step_goal']}, {verdict(c['step_goal_met'])}) "
             f"| {c['step_ratio_own_processes']:.2f} | {c['peak_rss_ratio']:.2f} "
             f"(<= {c['peak_rss_goal']}, {verdict(c['peak_rss_goal_met'])}) "
-            f"| {c['loss_max_abs_diff_first_steps']:.1e} "
-            f"({c['loss_max_abs_diff_all_steps']:.1e}){floor_note(c)} |")
+            f"| {c['loss_max_abs_diff_first_steps']:.1e} (<= {c['loss_tolerance']:.0e}, "
+            f"{verdict(c['loss_goal_met'])}) [{c['loss_abs_diff_step_1']:.1e}; "
+            f"{c['loss_max_abs_diff_all_steps']:.1e}]{floor_note(c)} |")
     if ablation_rows:
         lines += ["", "| change switched off | step ratio with / without (paired; own "
                   "processes) | peak RSS ratio with / without |", "|---|---|---|"]
