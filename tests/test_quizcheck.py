@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minituner import quizcheck
+from minituner import quizcheck, quizcheck_memory
 from minituner.quiz import Tolerant, default_quiz_path, load_quiz, repo_root
 from minituner.quizresults import RESULTS_RELPATH, load_results
 from minituner.quizverify import compare_expected, compare_options, run_checks, run_one
@@ -61,15 +61,17 @@ def test_option_tables_match_the_yaml(quiz):
     """The checks' coefficient tables follow the YAML's option order."""
     q01 = quiz.question("q-28-01").options
     assert [o.en for o in q01] == [f"{c} r" for c in quizcheck.Q01_COEFFICIENTS]
-    q07 = zip(quiz.question("q-28-07").options, quizcheck.Q07_BITS, strict=True)
+    q07 = zip(quiz.question("q-28-07").options, quizcheck_memory.Q07_BITS, strict=True)
     for option, (plain, double) in q07:
         assert f"{plain:g}" in option.en and f"{double:g}" in option.en
     q08 = zip(
-        quiz.question("q-28-08").options, quizcheck.Q08_BYTES_PER_PARAM_AND_7B_GB, strict=True
+        quiz.question("q-28-08").options,
+        quizcheck_memory.Q08_BYTES_PER_PARAM_AND_7B_GB,
+        strict=True,
     )
     for option, (per_param, gigabytes) in q08:
         assert option.en.startswith(f"{per_param} bytes") and f"{gigabytes} GB" in option.en
-    q09 = zip(quiz.question("q-28-09").options, quizcheck.Q09_GB_16BIT_AND_NF4, strict=True)
+    q09 = zip(quiz.question("q-28-09").options, quizcheck_memory.Q09_GB_16BIT_AND_NF4, strict=True)
     for option, (sixteen, nf4) in q09:
         assert option.en.startswith(f"{sixteen} GB") and f"{nf4} GB" in option.en
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from minituner.hf import check_architecture, hf_dir, hf_targets, read_hf_config
-from minituner.lora import ALL_LINEAR, is_fan_in_fan_out, set_submodule
+from minituner.lora_layer import is_fan_in_fan_out
+from minituner.lora_targets import ALL_LINEAR, set_submodule
 from minituner.nf4 import check_blocksize, quantize_nf4
 from minituner.nf4_io import QUANT_STATE_KEY
 

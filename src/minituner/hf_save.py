@@ -38,7 +38,7 @@ def bnb_quantization_config(model: nn.Module) -> dict | None:
     if len(double) != 1 or len(compute) != 1:
         raise ValueError("quantized layers disagree on double quantization or compute dtype; "
                          "bitsandbytes' config holds one setting per model")
-    from minituner.lora import is_linear_like
+    from minituner.lora_targets import is_linear_like
 
     quantized = {n for n, _ in layers}
     skipped = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()

@@ -15,7 +15,7 @@ and saves only what that needs: ``x`` (an activation the model holds anyway), ``
 The rank-r products run in the input's dtype (bf16 over a bf16 base, with A and B cast to it
 for the GEMM; the GEMMs accumulate in fp32); A and B and their gradients stay in their own
 dtype (fp32), so the optimizer updates fp32 master copies.
-Which bases qualify is decided by :func:`fused_kind`; :class:`minituner.lora.LoRALinear` falls
+Which bases qualify is decided by :func:`fused_kind`; :class:`minituner.lora_layer.LoRALinear` falls
 back to its plain forward for any other.
 """
 

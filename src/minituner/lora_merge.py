@@ -109,7 +109,7 @@ def merge_and_unload(model: nn.Module, target: str | None = None) -> nn.Module:
 
     Base parameters stay frozen (requires_grad=False), as apply_lora left them.
     """
-    from minituner.lora import set_submodule
+    from minituner.lora_targets import set_submodule
 
     named = _lora_layers(model)
     if not named:
