@@ -10,7 +10,9 @@ from hf_helpers import logits_of, randomize_lora_b, token_batch
 
 from minituner.adapters import load_adapter, save_adapter
 from minituner.hf import (
+    TanhGELU,
     apply_hf_lora,
+    fuse_activations,
     hf_targets,
     load_hf_model,
     read_hf_config,
@@ -176,3 +178,42 @@ def test_adapter_from_another_base_is_refused(tmp_path, toy_hf_model):
     assert not lora_layers(other)
     with pytest.raises(ValueError, match="fan_in_fan_out=True"):
         load_adapter(load_hf_model(toy_hf_model("llama")), tmp_path / "adapter")
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for the backward of one training forward."""
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, use_cache=False).logits.float().sum().backward()
+    return total[0]
+
+
+def test_gpt2_gelu_is_fused_with_the_same_logits_and_less_saved(toy_hf_model):
+    from transformers import AutoModelForCausalLM
+
+    directory = toy_hf_model("gpt2")
+    ours = load_hf_model(directory)
+    plain = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+    n_layers = plain.config.n_layer
+    assert sum(isinstance(m, TanhGELU) for m in ours.modules()) == n_layers
+    assert not any(type(m).__name__ == "NewGELUActivation" for m in ours.modules())
+    ids = token_batch()
+    assert torch.allclose(logits_of(ours, ids), logits_of(plain, ids), atol=1e-5, rtol=0)
+    plain.requires_grad_(False)
+    ours.requires_grad_(False)
+    for model in (ours, plain):  # a trainable input so that every layer saves activations
+        model.transformer.wte.weight.requires_grad_(True)
+    assert _saved_bytes(ours, ids) < _saved_bytes(plain, ids)
+    assert fuse_activations(plain) == n_layers and fuse_activations(plain) == 0
+
+
+def test_llama_activations_are_left_alone(toy_hf_model):
+    model = load_hf_model(toy_hf_model("llama"))
+    assert fuse_activations(model) == 0
+    assert not any(isinstance(m, TanhGELU) for m in model.modules())

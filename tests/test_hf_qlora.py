@@ -9,7 +9,7 @@ import torch
 from hf_helpers import logits_of, randomize_lora_b, token_batch
 
 from minituner.adapters import load_adapter, save_adapter
-from minituner.hf import hf_targets, load_hf_model
+from minituner.hf import TanhGELU, hf_targets, load_hf_model
 from minituner.hf_load import TensorSource, load_quantized_hf_model
 from minituner.hf_save import export_state_dict, save_hf_model
 from minituner.lora import apply_lora, is_fan_in_fan_out, lora_layers
@@ -68,6 +68,7 @@ def test_quantize_while_loading_matches_nf4_round_trip(arch, toy_hf_model):
     assert model.get_output_embeddings().weight.dtype == torch.float32  # the head stays float
     if arch == "gpt2":
         assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+        assert isinstance(model.transformer.h[0].mlp.act, TanhGELU)  # fused, as load_hf_model
         assert model.transformer.h[0].attn.c_attn.source_fan_in_fan_out
         assert (model.transformer.h[0].attn.c_attn.out_features,
                 model.transformer.h[0].attn.c_attn.in_features) == (192, 64)

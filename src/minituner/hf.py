@@ -22,6 +22,7 @@ import torch.nn as nn
 from minituner.lora import ALL_LINEAR, apply_lora, resolve_target_modules
 
 HF_PREFIX = "hf:"
+TANH_GELU_MODULES = ("NewGELUActivation", "FastGELUActivation")  # transformers' class names
 SUPPORTED_ARCHITECTURES = {
     "gpt2": "GPT-2 (Conv1D c_attn/c_proj/c_fc)",
     "llama": "Llama (q/k/v/o_proj, gate/up/down_proj)",
@@ -138,7 +139,26 @@ def load_hf_model(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    fuse_activations(model)
     return model.to(device).eval()
+
+
+class TanhGELU(nn.Module):
+    """GELU with the tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), fused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Swap transformers' elementwise tanh-GELU modules for :class:`TanhGELU`; how many."""
+    names = [name for name, module in model.named_modules()
+             if type(module).__name__ in TANH_GELU_MODULES
+             and type(module).__module__.startswith("transformers")]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, TanhGELU())
+    return len(names)
 
 
 def load_hf_tokenizer(path: str | os.PathLike):

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf import check_architecture, hf_dir, hf_targets, read_hf_config
+from minituner.hf import (
+    check_architecture,
+    fuse_activations,
+    hf_dir,
+    hf_targets,
+    read_hf_config,
+)
 from minituner.lora_layer import is_fan_in_fan_out
 from minituner.lora_targets import ALL_LINEAR, set_submodule
 from minituner.nf4 import check_blocksize, quantize_nf4
@@ -162,6 +168,7 @@ def load_quantized_hf_model(
         layer.source_fan_in_fan_out = fan_in_fan_out
         set_submodule(model, name, layer)
     _load_remaining(model, source, prefix, compute_dtype)
+    fuse_activations(model)
     model.requires_grad_(False)
     if prequantized:  # the checkpoint decides: report what it holds
         first = model.get_submodule(targets[0])
