@@ -60,7 +60,7 @@ INIT_FILE = "lora_init.safetensors"
 
 def _config(library: str, method: str, dtype: str, **options) -> dict:
     return {"library": library, "method": method, "dtype": dtype, "fused": True,
-            "chunked_loss": True, **options}
+            "chunked_loss": True, "fused_gelu": True, **options}
 
 
 CONFIGS = {
@@ -80,9 +80,10 @@ ABLATIONS = {  # one library change switched off at a time, to measure what it b
     "minituner-qlora-fp32-unfused": _config("minituner", "qlora", "fp32", fused=False),
     "minituner-qlora-fp32-plain-loss": _config("minituner", "qlora", "fp32",
                                                chunked_loss=False),
-    # both changes off: the plain path, PEFT's arithmetic in another order (bf16 loss noise)
+    "minituner-lora-fp32-plain-gelu": _config("minituner", "lora", "fp32", fused_gelu=False),
+    # every change off: the plain path, PEFT's arithmetic in another order (bf16 loss noise)
     "minituner-lora-bf16-plain": _config("minituner", "lora", "bf16", fused=False,
-                                         chunked_loss=False),
+                                         chunked_loss=False, fused_gelu=False),
 }
 PAIRS = [  # (minituner, anchor, step goal, memory goal)
     ("minituner-lora-fp32", "peft-lora-fp32", 1.0, 0.85),
@@ -151,6 +152,14 @@ def _load_minituner(cfg: dict, directory: Path, dtype, device):
         params[name].data.copy_(tensor)
     for _, layer in lora_layers(model):
         layer.fused = cfg["fused"]
+    if not cfg["fused_gelu"]:  # back to transformers' elementwise gelu_new
+        from transformers.activations import NewGELUActivation
+
+        from minituner.hf import TanhGELU
+
+        for block in model.transformer.h:
+            if isinstance(block.mlp.act, TanhGELU):
+                block.mlp.act = NewGELUActivation()
     return model
 
 
