@@ -8,6 +8,7 @@ import pytest
 import torch
 from hf_helpers import logits_of, randomize_lora_b, token_batch
 
+from minituner.accounting import step_tensor_bytes
 from minituner.adapters import load_adapter, save_adapter
 from minituner.hf import (
     TanhGELU,
@@ -182,16 +183,11 @@ def test_adapter_from_another_base_is_refused(tmp_path, toy_hf_model):
 
 def _saved_bytes(model, ids) -> int:
     """Bytes autograd keeps for the backward of one training forward."""
-    total = [0]
-
-    def pack(tensor):
-        total[0] += tensor.numel() * tensor.element_size()
-        return tensor
+    def loss_fn(model, batch):
+        return model(input_ids=batch["input_ids"], use_cache=False).logits.float().sum(), 1
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, use_cache=False).logits.float().sum().backward()
-    return total[0]
+    return step_tensor_bytes(model, loss_fn, {"input_ids": ids})["saved_activation_bytes"]
 
 
 def test_gpt2_gelu_is_fused_with_the_same_logits_and_less_saved(toy_hf_model):

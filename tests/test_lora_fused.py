@@ -93,9 +93,8 @@ def test_fused_bf16_close_to_fp32_and_keeps_fp32_adapters(kind):
         assert (got.float() - want).abs().max() <= 0.02 * scale
 
 
-def test_fused_saves_input_itself_and_no_output_sized_tensor():
-    layer = lora_layer("linear")
-    x = torch.randn(6, 48, requires_grad=True)
+def saved_for_backward(layer, x: torch.Tensor) -> list:
+    """Every tensor autograd saves during ``layer(x)`` (then runs the backward)."""
     saved = []
 
     def pack(t):
@@ -105,6 +104,13 @@ def test_fused_saves_input_itself_and_no_output_sized_tensor():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = layer(x)
     out.sum().backward()
+    return saved
+
+
+def test_fused_saves_input_itself_and_no_output_sized_tensor():
+    layer = lora_layer("linear")
+    x = torch.randn(6, 48, requires_grad=True)
+    saved = saved_for_backward(layer, x)
     float_saved = [t for t in saved if t.is_floating_point() and t.dim() == 2]
     assert any(t.data_ptr() == x.data_ptr() for t in float_saved)  # x itself, not a copy
     assert not any(tuple(t.shape) == (6, 40) for t in float_saved)  # nothing (tokens, out)
@@ -117,15 +123,7 @@ def test_fused_saves_input_itself_and_no_output_sized_tensor():
 def test_nf4_base_saves_packed_weight_only():
     layer = lora_layer("nf4")
     x = torch.randn(6, 48, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
-    out.sum().backward()
+    saved = saved_for_backward(layer, x)
     assert not any(tuple(t.shape) == (40, 48) for t in saved)  # no dequantized weight
     assert any(t.dtype == torch.uint8 and t.numel() == 40 * 48 // 2 for t in saved)
     assert x.grad is not None
