@@ -8,7 +8,6 @@ tables), taken from benchmarks/results/*.json and the run records. Text outside 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,8 +28,11 @@ TITLES = {
 
 
 def _result(name: str) -> dict:
+    """A benchmark's results JSON, or {} when it has not been run yet."""
+    from minituner.files import read_json
+
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, f"{name} results") if path.is_file() else {}
 
 
 def _nf4_tables(stdout: str) -> str:

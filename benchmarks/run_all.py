@@ -144,7 +144,11 @@ def main(argv=None) -> int:
     if args.readme and not args.quick:
         from readme_section import update_readme
 
-        update_readme(HERE.parent / "README.md", records)
+        try:
+            update_readme(HERE.parent / "README.md", records)
+        except (ValueError, OSError) as exc:  # missing markers, unreadable results
+            print(f"README.md not updated: {exc}", file=sys.stderr)
+            return 1
     print(summary)
     print(f"\nall benchmarks: {total:.0f} s", file=sys.stderr)
     return 0 if all(r["returncode"] == 0 for r in records) else 1
