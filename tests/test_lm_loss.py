@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minituner.lm_loss import causal_lm_loss, chunk_rows, chunked_lm_loss
+from minituner.lm_loss import (
+    causal_lm_loss,
+    chunk_rows,
+    chunked_lm_loss,
+    masked_lm_nll,
+    plain_output_head,
+)
 
 
 def inputs(dtype=torch.float32, vocab=101, seed=0):
@@ -103,3 +109,39 @@ def test_causal_lm_loss_equals_transformers_loss(toy_hf_model):
     assert torch.allclose(got, want, atol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):  # the tied head/embedding included
         assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_masked_lm_nll_equals_the_full_logits_loss(arch, toy_hf_model):
+    from minituner.hf import load_hf_model
+    from minituner.hf_finetune import padding_mask
+    from minituner.model import masked_token_nll
+
+    model = load_hf_model(toy_hf_model(arch))
+    model.train()
+    head = plain_output_head(model)
+    assert head is model.get_output_embeddings()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(7, 512, (2, 12), generator=generator)
+    targets = torch.randint(7, 512, (2, 12), generator=generator)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 3:9], mask[1, 5:12] = True, True
+    attention = padding_mask(mask)
+    params = [p for p in model.parameters()]
+    want, want_count = masked_token_nll(
+        model(input_ids=ids, attention_mask=attention, use_cache=False).logits, targets, mask)
+    want_grads = torch.autograd.grad(want, params)
+    got, count = masked_lm_nll(model, head, ids, attention, targets, mask)
+    got_grads = torch.autograd.grad(got, params)
+    assert int(count) == int(want_count) == 13
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_an_adapted_head_keeps_the_plain_path(toy_hf_model):
+    from minituner.hf import load_hf_model
+    from minituner.lora import apply_lora
+
+    model = apply_lora(load_hf_model(toy_hf_model("llama")), ["lm_head"], r=2)
+    assert plain_output_head(model) is None

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from minituner import distributed as D
 from minituner.hf import resolve_device, resolve_dtype
+from minituner.lm_loss import masked_lm_nll, plain_output_head
 from minituner.model import masked_token_nll
 
 HF_METHODS = ("lora", "qlora")
@@ -143,14 +144,19 @@ def make_hf_loss_fn(forward_model: nn.Module, device: torch.device):
     """loss_fn(model, batch) -> (summed NLL over masked targets, token count).
 
     ``forward_model`` is the model to call (the DDP wrapper when distributed), so that DDP
-    sees the forward and synchronises the gradients.
+    sees the forward and synchronises the gradients. The LM head and the loss run chunked
+    (:func:`minituner.lm_loss.masked_lm_nll`) when the head is a plain Linear.
     """
+
+    head = plain_output_head(getattr(forward_model, "module", forward_model))  # DDP: .module
 
     def loss_fn(model, batch: dict) -> tuple:
         ids = batch["input_ids"].to(device)
         attention = padding_mask(batch["target_mask"]).to(device)
-        out = forward_model(input_ids=ids, attention_mask=attention, use_cache=False)
         targets, mask = batch["targets"].to(device), batch["target_mask"].to(device)
+        if head is not None:
+            return masked_lm_nll(forward_model, head, ids, attention, targets, mask)
+        out = forward_model(input_ids=ids, attention_mask=attention, use_cache=False)
         return masked_token_nll(out.logits, targets, mask)
 
     return loss_fn

@@ -20,6 +20,8 @@ The gradients are computed in the forward only when an input needs one (training
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -152,3 +154,32 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
                   use_cache=False).last_hidden_state
     return chunked_lm_loss(hidden[:, :-1], head.weight, labels[:, 1:],
                            getattr(head, "bias", None), ignore_index, chunk_size)
+
+
+def plain_output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head when it is a plain ``nn.Linear`` whose logits can be chunked, and
+    its forward takes ``logits_to_keep`` (so the full logits need not be made); else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:  # an adapted head (LoRA on lm_head) keeps the plain path
+        return None
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return None
+    return head
+
+
+def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, targets: torch.Tensor,
+                  mask: torch.Tensor) -> tuple:
+    """(summed NLL over the masked targets, their count), the LM head run chunked.
+
+    ``forward_model`` (the model, or its DDP wrapper, so DDP sees the forward) returns the final
+    hidden states and the logits of one position only; position t is scored against
+    ``targets[:, t]`` where ``mask`` is set. Equal to ``masked_token_nll(logits, targets, mask)``
+    up to float summation order, without the (tokens, vocab) logits in memory.
+    """
+    out = forward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                        output_hidden_states=True, logits_to_keep=1)
+    labels = torch.where(mask.bool(), targets, -100)
+    total = chunked_lm_loss(out.hidden_states[-1], head.weight, labels, head.bias,
+                            reduction="sum")
+    return total, mask.sum()
