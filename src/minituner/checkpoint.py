@@ -11,13 +11,13 @@ launcher can make every write rank-0-only by passing ``enabled=False`` on the ot
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 import torch
 
+from minituner.corpus import jsonl_text
 from minituner.files import atomic_write, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
@@ -99,8 +99,7 @@ class RunWriter:
         """Rewrite train_log.jsonl with every record so far (atomic, small)."""
         if not self.enabled:
             return None
-        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in log)
-        return atomic_write_text(self.run_dir / LOG_FILE, text)
+        return atomic_write_text(self.run_dir / LOG_FILE, jsonl_text(log))
 
     def write(self, write_fn, *args, **kwargs) -> object:
         """Call ``write_fn(*args, **kwargs)`` on the writing rank only; returns its result."""

@@ -195,10 +195,6 @@ def token_count(batch: dict) -> int:
     return int(batch["target_mask"].sum())
 
 
-def _trainable(model: nn.Module) -> list:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 def _snapshot(named: list) -> dict:
     return {n: p.detach().clone() for n, p in named}
 
@@ -239,7 +235,7 @@ def fit(
     """
     from minituner.checkpoint import capture_rng, restore_rng
 
-    named = _trainable(model)
+    named = trainable_parameters(model)
     log, best = [], {"step": None, "metrics": {}, "state": None}
     start = 0
     if resume is not None:
