@@ -31,6 +31,7 @@ from minituner.lora_layer import (  # re-exported: the layer and its checks
     check_rank,
     is_fan_in_fan_out,
     linear_features,
+    lora_layers,
     lora_scaling,
     source_fan_in_fan_out,
 )
@@ -67,11 +68,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- injection
-
-
-def lora_layers(model: nn.Module) -> list:
-    """(module path, LoRALinear) for every LoRA layer in the model, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def is_lora_name(name: str) -> bool:

@@ -24,7 +24,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-KINDS = ("linear", "conv1d", "nf4")
+
+def is_fan_in_fan_out(base: nn.Module) -> bool:
+    """True for a layer whose weight is stored (in, out), like GPT-2's Conv1D (nx in, nf out).
+
+    Recognised by shape, without importing transformers: int ``nx`` / ``nf`` attributes and a
+    2-D ``weight`` of shape (nx, nf). Re-exported by :mod:`minituner.lora_layer`.
+    """
+    nx, nf = getattr(base, "nx", None), getattr(base, "nf", None)
+    weight = getattr(base, "weight", None)
+    return (
+        isinstance(nx, int) and isinstance(nf, int) and isinstance(weight, torch.Tensor)
+        and tuple(weight.shape) == (nx, nf)
+    )
 
 
 def _frozen(tensors) -> bool:
@@ -46,10 +58,7 @@ def fused_kind(base: nn.Module, x: torch.Tensor) -> str | None:
         return None
     if isinstance(base, nn.Linear):
         return "linear"
-    nx, nf = getattr(base, "nx", None), getattr(base, "nf", None)
-    if isinstance(nx, int) and isinstance(nf, int) and tuple(weight.shape) == (nx, nf):
-        return "conv1d"
-    return None
+    return "conv1d" if is_fan_in_fan_out(base) else None
 
 
 def _base_weight(base: nn.Module, kind: str, dtype: torch.dtype, saved: tuple) -> torch.Tensor:

@@ -15,11 +15,11 @@ import numbers
 import torch
 import torch.nn as nn
 
-from minituner.lora_fused import fused_kind, fused_lora_forward
+from minituner.lora_fused import fused_kind, fused_lora_forward, is_fan_in_fan_out
 
 __all__ = [
     "KNOWN_INITS", "LoRALinear", "check_alpha", "check_dropout", "check_init", "check_rank",
-    "is_fan_in_fan_out", "linear_features", "lora_scaling", "source_fan_in_fan_out",
+    "is_fan_in_fan_out", "linear_features", "lora_layers", "lora_scaling", "source_fan_in_fan_out",
 ]
 
 KNOWN_INITS = ("gaussian", "gaussian_std", "kaiming")
@@ -58,20 +58,6 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     if r == 0:
         return 0.0
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def is_fan_in_fan_out(base: nn.Module) -> bool:
-    """True for a layer whose weight is stored (in, out), like GPT-2's Conv1D (nx in, nf out).
-
-    Recognised by shape, without importing transformers: int ``nx`` / ``nf`` attributes and a
-    2-D ``weight`` of shape (nx, nf).
-    """
-    nx, nf = getattr(base, "nx", None), getattr(base, "nf", None)
-    weight = getattr(base, "weight", None)
-    return (
-        isinstance(nx, int) and isinstance(nf, int) and isinstance(weight, torch.Tensor)
-        and tuple(weight.shape) == (nx, nf)
-    )
 
 
 def source_fan_in_fan_out(base: nn.Module) -> bool:
@@ -212,3 +198,8 @@ class LoRALinear(nn.Module):
             f"dropout={self.dropout_p:g}, use_rslora={self.use_rslora}"
             + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
         )
+
+
+def lora_layers(model: nn.Module) -> list:
+    """(module path, LoRALinear) for every LoRA layer in the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]

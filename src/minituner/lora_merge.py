@@ -1,7 +1,6 @@
 """Merging LoRA into its base: W += scaling * B @ A, the way back, and unloading the wrappers.
 
-Re-exported by :mod:`minituner.lora`; use it from there. The LoRA layer type is looked up at
-call time (``minituner.lora`` imports this module).
+Re-exported by :mod:`minituner.lora`; use it from there.
 """
 
 from __future__ import annotations
@@ -12,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minituner.lora_layer import lora_layers
+from minituner.lora_targets import set_submodule
+
 
 @dataclass(frozen=True)
 class MergeReport:
@@ -21,12 +23,6 @@ class MergeReport:
     target: str
     max_abs_diff: float | None = None
     mean_abs_diff: float | None = None
-
-
-def _lora_layers(model: nn.Module) -> list:
-    from minituner.lora import lora_layers
-
-    return lora_layers(model)
 
 
 def _is_quantized_base(base: nn.Module) -> bool:
@@ -72,7 +68,7 @@ def merge_lora(model: nn.Module, probe=None, target: str | None = None) -> Merge
     NF4 bases are handed to ``minituner.qlora.merge_quantized_lora`` (target "dequantized" or
     "requantized"); float bases accept target None or "float". Merging twice is refused.
     """
-    layers = [m for _, m in _lora_layers(model)]
+    layers = [m for _, m in lora_layers(model)]
     if not layers:
         raise ValueError("model has no LoRA layers to merge")
     if any(m.merged for m in layers):
@@ -95,7 +91,7 @@ def merge_lora(model: nn.Module, probe=None, target: str | None = None) -> Merge
 
 def unmerge_lora(model: nn.Module) -> int:
     """Subtract the merged update again (round trip within float rounding); returns layers done."""
-    layers = [m for _, m in _lora_layers(model) if m.merged]
+    layers = [m for _, m in lora_layers(model) if m.merged]
     if not layers:
         raise ValueError("model has no merged LoRA layers to unmerge")
     _check_float_bases(layers)
@@ -109,14 +105,12 @@ def merge_and_unload(model: nn.Module, target: str | None = None) -> nn.Module:
 
     Base parameters stay frozen (requires_grad=False), as apply_lora left them.
     """
-    from minituner.lora_targets import set_submodule
-
-    named = _lora_layers(model)
+    named = lora_layers(model)
     if not named:
         raise ValueError("model has no LoRA layers to merge and unload")
     if not all(m.merged for _, m in named):
         merge_lora(model, target=target)
-    for name, layer in _lora_layers(model):
+    for name, layer in lora_layers(model):
         set_submodule(model, name, layer.base)
     if hasattr(model, "lora_config"):
         del model.lora_config
