@@ -133,7 +133,7 @@ def _param_tensor_count(spec: ModelSpec) -> int:
 
 def _weights(spec: ModelSpec, s: PlanSettings) -> dict:
     n, base = spec.n_params(), DTYPE_BYTES[s.base_dtype]
-    adapters = s.rank * spec.n_layers * sum(i + o for _, i, o, _ in spec.block_linears())
+    adapters = spec.lora_params(s.rank)
     parts = {"weights.buffers": spec.buffer_bytes()}
     if s.method in ("full", "full-mixed"):
         parts["weights.model"] = n * base
@@ -155,9 +155,7 @@ def _trainable(spec: ModelSpec, s: PlanSettings) -> tuple:
     """(trainable parameters, trainable tensors)."""
     if s.method in ("full", "full-mixed"):
         return spec.n_params(), _param_tensor_count(spec)
-    linears = spec.block_linears()
-    return (s.rank * spec.n_layers * sum(i + o for _, i, o, _ in linears),
-            2 * spec.n_layers * len(linears))
+    return spec.lora_params(s.rank), 2 * spec.n_layers * len(spec.block_linears())
 
 
 def _layer_activation_bytes(spec: ModelSpec, s: PlanSettings) -> int:
@@ -255,7 +253,7 @@ def course_table(batch: int = 16, seq: int = 32) -> list:
     spec = model_spec("minigpt")
     n, linear = spec.n_params(), spec.linear_weight_params()
     activations = batch * seq * spec.d_model * spec.n_layers * 16
-    per_rank = spec.n_layers * sum(i + o for _, i, o, _ in spec.block_linears())
+    per_rank = spec.lora_params(1)
     regimes = [("full fine-tuning", n, 0.0), ("LoRA r=4", 4 * per_rank, 2.0 * n),
                ("LoRA r=8", 8 * per_rank, 2.0 * n), ("LoRA r=16", 16 * per_rank, 2.0 * n),
                ("QLoRA r=8", 8 * per_rank,

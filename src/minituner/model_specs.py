@@ -84,6 +84,10 @@ class ModelSpec:
         """Weights (not biases) of every block Linear: what LoRA adapts and NF4 quantizes."""
         return self.n_layers * sum(i * o for _, i, o, _ in self.block_linears())
 
+    def lora_params(self, rank: int) -> int:
+        """Parameters of rank-``rank`` LoRA (A and B) on every block Linear."""
+        return rank * self.n_layers * sum(i + o for _, i, o, _ in self.block_linears())
+
     def n_params(self) -> int:
         """Total parameters (the tied head counted once)."""
         d = self.d_model

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minituner.memory import GB
+
 # Option order of the choice questions; tests compare these with the YAML's option text.
 Q07_BITS = ((4.0, 4.0), (4.5, 4.127), (4.5, 4.0), (5.0, 4.5))
 Q08_BYTES_PER_PARAM_AND_7B_GB = ((2, 14), (4, 28), (12, 84), (16, 112))
 Q09_GB_16BIT_AND_NF4 = ((130, 65), (130, 34), (65, 17), (260, 130))
-GB = 1e9
 
 
 class CheckError(RuntimeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from minituner.cli.common import nonneg_int, positive_int
+from minituner.memory import GB, GIB
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -45,11 +46,11 @@ def register(subparsers) -> None:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:,.3f}"
+    return f"{n / GB:,.3f}"
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:,.3f}"
+    return f"{n / GIB:,.3f}"
 
 
 def format_plan(plan) -> str:
