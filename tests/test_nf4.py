@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minituner import nf4
 from minituner.nf4 import (
     NF4_CODE,
     NF4_ZERO_INDEX,
@@ -436,7 +435,7 @@ def test_save_and_load(tmp_path, double_quant):
     assert torch.equal(again.dequantize(), q.dequantize())
     q.save(tmp_path / "m.safetensors")
     assert torch.equal(NF4Weight.load(tmp_path / "m.safetensors").packed, q.packed)
-    assert torch.equal(nf4.load_nf4(tmp_path / "m.safetensors").absmax, q.absmax)
+    assert torch.equal(load_nf4(tmp_path / "m.safetensors").absmax, q.absmax)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "w.safetensors"]
 
 

@@ -229,20 +229,6 @@ class NF4Weight:
         return load_nf4(path)
 
 
-def save_nf4(path, q: NF4Weight):
-    """Atomically write ``q`` to a safetensors file (see :mod:`minituner.nf4_io`)."""
-    from minituner.nf4_io import save_nf4 as save
-
-    return save(path, q)
-
-
-def load_nf4(path) -> NF4Weight:
-    """Read a weight written by :func:`save_nf4` (see :mod:`minituner.nf4_io`)."""
-    from minituner.nf4_io import load_nf4 as load
-
-    return load(path)
-
-
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a float tensor of any shape to NF4 (optionally double-quantizing the scales)."""
     if not isinstance(w, torch.Tensor):

@@ -45,11 +45,6 @@ class EpochSampler:
         start = (within * self.world_size + self.rank) * self.batch_size
         return self._permutation(epoch)[start : start + self.batch_size]
 
-    def state_dict(self) -> dict:
-        """Everything that decides the order (the order itself is a function of the step)."""
-        return {"n_items": self.n_items, "batch_size": self.batch_size, "seed": self.seed,
-                "rank": self.rank, "world_size": self.world_size}
-
 
 class MixedBatches:
     """Batch ``k`` = SFT rows from one sampler plus replay rows (KL-flagged) from another."""
@@ -76,10 +71,3 @@ class MixedBatches:
             rows += extra
             flags += [True] * len(extra)
         return collate_sequences(rows, self.pad_id, flags)
-
-    def state_dict(self) -> dict:
-        """Sampler settings, for the checkpoint."""
-        return {
-            "sft": self.sft_sampler.state_dict(),
-            "replay": self.replay_sampler.state_dict() if self.replay_sampler else None,
-        }
