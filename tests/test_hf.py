@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from minituner.hf import (
     fuse_activations,
     hf_targets,
     load_hf_model,
+    load_hf_tokenizer,
     read_hf_config,
     resolve_device,
     resolve_dtype,
@@ -112,6 +114,32 @@ def test_device_and_dtype_defaults():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="--dtype"):
         resolve_dtype("fp8", cpu)
+    with pytest.raises(ValueError, match=r"--device must be auto, cpu or cuda\[:N\], got 'gpu'"):
+        resolve_device("gpu")  # torch.device("gpu") itself raises RuntimeError
+
+
+def copy_model(source, target, files=("config.json", "model.safetensors")):
+    """A model directory holding only ``files`` of ``source``."""
+    target.mkdir()
+    for name in files:
+        shutil.copy(source / name, target / name)
+    return target
+
+
+def test_corrupt_weights_are_one_line(tmp_path, toy_hf_model):
+    directory = copy_model(toy_hf_model("gpt2"), tmp_path / "corrupt")
+    (directory / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="cannot load the model") as info:
+        load_hf_model(directory)
+    assert "\n" not in str(info.value)
+
+
+def test_folder_without_tokenizer_is_refused(tmp_path, toy_hf_model):
+    directory = copy_model(toy_hf_model("gpt2"), tmp_path / "no-tokenizer")
+    with pytest.raises(ValueError, match=r"no tokenizer files \(tokenizer\.json or "
+                                         r"tokenizer_config\.json\)"):
+        load_hf_tokenizer(directory)
+    assert len(load_hf_tokenizer(toy_hf_model("gpt2"))) > 1
 
 
 # ----------------------------------------------------------------------------- PEFT round trips

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_hf_finetune import write_data
 
-from minituner.cli import main
+from minituner.cli import build_parser, main
+from minituner.cli.hf_commands import hf_finetune_config
 
 FAST = ["--steps", "2", "--batch-size", "4", "--eval-every", "2", "--checkpoint-every", "2",
         "--rank", "2", "--device", "cpu"]
@@ -83,3 +85,36 @@ def test_adapter_from_another_base_is_refused(tmp_path, toy_hf_model, capsys):
     code = main(["eval", "--model", f"hf:{toy_hf_model('gpt2', seed=1)}", "--adapter",
                  str(tmp_path / "run" / "adapter")])
     assert "base model fingerprint mismatch" in one_line_error(capsys, code)
+
+
+def test_config_file_settings_reach_the_run(tmp_path):
+    def settings(values: dict, *flags):
+        path = tmp_path / "settings.json"
+        path.write_text(json.dumps(values))
+        args = build_parser().parse_args(["finetune", "--model", "hf:m", "--data", "d.jsonl",
+                                          "--out", "o", "--config", str(path), *flags])
+        return hf_finetune_config(args)
+
+    cfg = settings({"dtype": "bf16", "lr": 0.001})
+    assert cfg.dtype == "bf16" and cfg.lr == 0.001 and cfg.steps == 100 and cfg.rank == 8
+    assert settings({"dtype": "bf16"}, "--dtype", "fp32").dtype == "fp32"
+    assert settings({}).dtype == "auto"
+    cfg = settings({"epochs": 2})
+    assert cfg.epochs == 2 and cfg.steps is None
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['replay_rows'\]"):
+        settings({"replay_rows": 3})
+
+
+def test_config_file_of_the_wrong_type_is_one_line(tmp_path, toy_hf_model, capsys):
+    data = write_data(tmp_path / "data.jsonl")
+    path = tmp_path / "settings.json"
+    for field, value in (("lr", "abc"), ("max_len", "x")):
+        path.write_text(json.dumps({field: value}))
+        code = main(["finetune", "--model", f"hf:{toy_hf_model('gpt2')}", "--data", str(data),
+                     "--out", str(tmp_path / "run"), "--config", str(path)])
+        assert f"{field} must be" in one_line_error(capsys, code)
+
+
+def test_unknown_device_is_one_line(tmp_path, toy_hf_model, capsys):
+    code = main(["eval", "--model", f"hf:{toy_hf_model('gpt2')}", "--device", "gpu"])
+    assert "--device must be auto, cpu or cuda[:N], got 'gpu'" in one_line_error(capsys, code)

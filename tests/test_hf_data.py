@@ -59,6 +59,9 @@ def test_invalid_lines_are_named(tmp_path):
     write_jsonl(path, [[1, 2]])
     with pytest.raises(ValueError, match=r"d\.jsonl:1: expected a JSON object"):
         read_examples(path)
+    path.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"d\.jsonl: not UTF-8 text"):
+        read_examples(path)
 
 
 def test_long_sequences_truncate_or_refuse(tmp_path, tokenizer):

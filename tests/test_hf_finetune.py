@@ -140,3 +140,16 @@ def test_bad_settings_are_one_line_errors(tmp_path, toy_hf_model):
             run_hf_finetune(config(toy_hf_model("gpt2"), data, **overrides), tmp_path / "bad",
                             device="cpu")
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("lr", "abc"), ("max_len", "x"), ("max_len", 8.5),
+                                          ("val_fraction", "0.1"), ("epochs", "2"),
+                                          ("batch_size", True), ("weight_decay", None),
+                                          ("grad_clip", "1"), ("steps", 2.0),
+                                          ("use_rslora", "yes")])
+def test_settings_of_the_wrong_type_name_the_field(field, value):
+    settings = {"model": "hf:m", "data": "d.jsonl", field: value}
+    with pytest.raises(ValueError, match=rf"^{field} must be") as info:
+        HFFinetuneConfig.from_dict(settings).validate()
+    assert "\n" not in str(info.value) and repr(value) in str(info.value)
+    assert HFFinetuneConfig(lr=1, warmup=0, max_len=8, val_fraction=0.5).validate()

@@ -30,6 +30,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": "Qwen2 (q/k/v/o_proj, gate/up/down_proj)",
     "qwen3": "Qwen3 (q/k/v/o_proj, gate/up/down_proj)",
 }
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}
 
@@ -92,11 +93,14 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     """'auto' -> CUDA when available, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # an unknown device type ("gpu") is refused by torch itself
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     return device
 
 
@@ -123,6 +127,7 @@ def load_hf_model(
     config = read_hf_config(path)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{hf_dir(path)}: the checkpoint is 4-bit quantized; use --method qlora")
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -133,7 +138,7 @@ def load_hf_model(
         model = AutoModelForCausalLM.from_pretrained(
             str(hf_dir(path)), config=config, dtype=dtype, local_files_only=True,
         )
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise ValueError(f"{hf_dir(path)}: cannot load the model ({_first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -164,12 +169,17 @@ def fuse_activations(model: nn.Module) -> int:
 def load_hf_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in the model directory (local files only)."""
     directory = hf_dir(path)
+    missing = ValueError(f"{directory}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise missing  # transformers would build an empty tokenizer and later errors mislead
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{directory}: no usable tokenizer ({_first_line(exc)})") from None
+    if len(tokenizer) <= 1:
+        raise missing
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{directory}: the tokenizer has no EOS token (needed to end completions)")
     return tokenizer

@@ -33,30 +33,33 @@ class EncodedData:
     truncated: list = field(default_factory=list)  # line numbers cut to the context
     dropped: list = field(default_factory=list)  # line numbers left with no target token
 
-    @property
-    def n_targets(self) -> int:
-        """Loss tokens over all sequences."""
-        return sum(sum(s["mask"]) for s in self.sequences)
-
 
 def read_examples(path: str | os.PathLike) -> list:
     """(line number, record) of every non-blank line; an invalid line is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
-    out = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            _check_record(record, f"{path}:{number}")
-            out.append((number, record))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            out = _parse_lines(handle, path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
     if not out:
         raise ValueError(f"{path}: no examples")
+    return out
+
+
+def _parse_lines(lines, path: Path) -> list:
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+        _check_record(record, f"{path}:{number}")
+        out.append((number, record))
     return out
 
 

@@ -27,6 +27,8 @@ from minituner.lm_loss import masked_lm_nll, plain_output_head
 from minituner.model import masked_token_nll
 
 HF_METHODS = ("lora", "qlora")
+_KINDS = {"int": (int, "an integer"), "float": ((int, float), "a number"),
+          "bool": (bool, "true or false")}  # field type -> (accepted types, wording)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class HFFinetuneConfig:
 
     def validate(self) -> HFFinetuneConfig:
         """Raise a one-line ValueError naming the first bad setting; returns self."""
+        self._check_types()
         if self.method not in HF_METHODS:
             raise ValueError(f"--method must be one of {list(HF_METHODS)} for transformers "
                              f"models, got {self.method!r}")
@@ -84,6 +87,21 @@ class HFFinetuneConfig:
         if self.max_len is not None and self.max_len < 1:
             raise ValueError(f"--max-len must be a positive int, got {self.max_len}")
         return self
+
+    def _check_types(self) -> None:
+        """Numbers and flags (int, float, bool) of the wrong type, named before any comparison.
+
+        A bool is not a number; an int is accepted where a float is expected.
+        """
+        for spec in fields(self):
+            kinds = [part.strip() for part in str(spec.type).split("|")]
+            value = getattr(self, spec.name)
+            if kinds[0] not in _KINDS or (value is None and "None" in kinds):
+                continue
+            allowed, what = _KINDS[kinds[0]]
+            if isinstance(value, bool) != (kinds[0] == "bool") or not isinstance(value, allowed):
+                what += " or null" if "None" in kinds else ""
+                raise ValueError(f"{spec.name} must be {what}, got {value!r}")
 
     def to_dict(self) -> dict:
         """Plain dict, for config.json."""

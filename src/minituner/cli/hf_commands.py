@@ -12,14 +12,6 @@ import sys
 
 from minituner.cli.common import nonneg_int, positive_float, positive_int
 
-# Defaults of a transformers run, for the shared training flags left unset (the Mini-GPT
-# command's flags default to None and its own defaults suit a 100k-parameter model).
-HF_DEFAULTS = {"lr": 2e-4, "batch_size": 8, "steps": 100, "epochs": None, "eval_every": 25,
-               "checkpoint_every": 25, "rank": 8, "alpha": 16.0, "warmup": 0.05,
-               "weight_decay": 0.0, "grad_clip": 1.0, "grad_accum": 1, "seed": 0,
-               "method": "lora", "quant_scheme": "nf4_per_group_64", "dropout": 0.0,
-               "targets": "all-linear", "val_data": None}
-
 
 def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
     """Add a flag unless the parser already has it (the command's own flag wins)."""
@@ -33,9 +25,9 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype."""
     _add(parser, "--device", default="auto",
          help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    _add(parser, "--dtype", default="auto", choices=("auto", "fp32", "bf16"),
-         help="compute dtype; auto = bf16 on CUDA with bf16 support, else fp32 (CPU bf16 "
-              "uses AMX where the CPU has it)")
+    _add(parser, "--dtype", default=None, choices=("auto", "fp32", "bf16"),
+         help="compute dtype; auto (default) = bf16 on CUDA with bf16 support, else fp32 "
+              "(CPU bf16 uses AMX where the CPU has it)")
 
 
 def add_hf_finetune_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,18 +58,11 @@ def hf_finetune_config(args):
     from minituner.cli.common import load_config_file
     from minituner.hf_finetune import HFFinetuneConfig
 
-    from_file = load_config_file(getattr(args, "config", None))
-    names = [f.name for f in fields(HFFinetuneConfig)]
-    unknown = sorted(set(from_file) - set(names))
-    if unknown:
-        raise ValueError(f"config file: unknown key(s) {unknown} for an hf: model")
-    values = {}
-    for name in names:
-        flag = getattr(args, name, None)
-        if flag is None or flag is False:  # unset flag (store_true flags default to False)
-            flag = from_file.get(name, HF_DEFAULTS.get(name, flag))
-        if flag is not None:
-            values[name] = flag
+    values = load_config_file(getattr(args, "config", None))  # absent keys: class defaults
+    for spec in fields(HFFinetuneConfig):
+        flag = getattr(args, spec.name, None)
+        if flag is not None and flag is not False:  # given (store_true flags default to False)
+            values[spec.name] = flag
     values["data"] = values.get("data") or getattr(args, "train_data", None)
     if not values["data"]:
         raise ValueError("--data: give the training JSONL file for an hf: model")
@@ -85,7 +70,7 @@ def hf_finetune_config(args):
         values["targets"] = ",".join(values["targets"])
     if values.get("epochs") is not None and getattr(args, "steps", None) is None:
         values["steps"] = None
-    return HFFinetuneConfig(**values)
+    return HFFinetuneConfig.from_dict(values)
 
 
 def run_hf_finetune_command(args) -> int:
@@ -105,7 +90,7 @@ def run_hf_finetune_command(args) -> int:
             return
         data = info["data"]
         print(f"device {info['device']} (--device {args.device}), dtype "
-              f"{dtype_name(info['dtype'])} (--dtype {args.dtype}), processes "
+              f"{dtype_name(info['dtype'])} (--dtype {cfg.dtype}), processes "
               f"{info['dist'].world_size}, global batch {cfg.batch_size}, method {cfg.method} "
               f"r={cfg.rank}, lr {cfg.lr:g}, steps {info['steps']}", flush=True)
         if data.train.truncated:
