@@ -122,6 +122,17 @@ def test_fingerprint_ignores_wrapping_and_lora_but_sees_base_changes():
     assert base_fingerprint(plain) != print_before
 
 
+
+def test_a_fingerprint_given_to_save_is_stored_as_is(tmp_path, monkeypatch):
+    model = adapted_model()
+    value = base_fingerprint(model)
+    save_adapter(model, tmp_path / "computed")
+    monkeypatch.setattr(minituner.adapters, "base_fingerprint", lambda _: pytest.fail("rehashed"))
+    save_adapter(model, tmp_path / "given", fingerprint=value)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert sha256_file(tmp_path / "computed" / name) == sha256_file(tmp_path / "given" / name)
+
+
 # ----------------------------------------------------------------------------- round trips
 
 

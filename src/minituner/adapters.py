@@ -112,11 +112,13 @@ def _peft_target_modules(model: nn.Module, requested, wrapped: list) -> list:
 
 def save_adapter(
     model: nn.Module, directory, base_model_name_or_path: str | None = None,
-    extra: dict | None = None,
+    extra: dict | None = None, fingerprint: str | None = None,
 ) -> Path:
     """Write the adapter (tensors + PEFT config + minituner section) to ``directory`` atomically.
 
     ``extra`` (JSON-able) is stored as ``minituner.base`` (e.g. how the base was loaded).
+    ``fingerprint``: the base's :func:`base_fingerprint` when the caller already has it (it
+    hashes every base tensor); computed here when not given.
     """
     layers = lora_layers(model)
     settings = getattr(model, "lora_config", None)
@@ -141,7 +143,7 @@ def save_adapter(
             "algorithm": "sha256",
             "covers": "state_dict tensors except lora_*, plain-model names, sorted; "
                       "name, dtype, shape (NUL-terminated) then raw bytes per tensor",
-            "value": base_fingerprint(model),
+            "value": fingerprint if fingerprint is not None else base_fingerprint(model),
         },
         "base_config": _base_config(model),
     }

@@ -65,7 +65,13 @@ def prepare_hf_data(cfg) -> HFPrepared:
 
 
 def prepare_hf_model(cfg, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The base (float for LoRA, NF4 for QLoRA) with LoRA applied, in training mode."""
+    """The base (float for LoRA, NF4 for QLoRA) with LoRA applied, in training mode.
+
+    ``model.base_record`` says how the base was loaded and ``model.base_fingerprint`` is its
+    :func:`minituner.adapters.base_fingerprint` (hashed once: config.json and the adapter
+    both record it).
+    """
+    from minituner.adapters import base_fingerprint
     from minituner.hf_finetune import enable_grad_checkpointing
     from minituner.hf_load import base_record, load_base
 
@@ -76,6 +82,7 @@ def prepare_hf_model(cfg, dtype: torch.dtype, device: torch.device) -> nn.Module
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     model.base_record = record
+    model.base_fingerprint = base_fingerprint(model)
     return model.train()
 
 
@@ -84,14 +91,13 @@ def run_config(cfg, model: nn.Module, prepared: HFPrepared, dtype: torch.dtype) 
 
     The device and the process count are left out: a run may resume on another of either.
     """
-    from minituner.adapters import base_fingerprint
     from minituner.files import sha256_json
 
     return {
         "kind": "finetune-hf", "method": cfg.method, "finetune": cfg.to_dict(),
         "compute_dtype": dtype_name(dtype),
         "base": {**model.base_record, "model_type": model.config.model_type,
-                 "fingerprint": base_fingerprint(model)},
+                 "fingerprint": model.base_fingerprint},
         "data_sha256": sha256_json({"train": prepared.train_records,
                                     "validation": prepared.validation_records}),
     }
@@ -134,6 +140,14 @@ def _base_parameter_count(model: nn.Module) -> int:
                         for m in model.modules() if isinstance(m, QuantizedLinear))
 
 
+def _write_manifest(cfg, model, runtime, out: Path) -> None:
+    """manifest.json (hashes the data files, so only the writing rank builds it)."""
+    atomic_write_json(out / "manifest.json", run_manifest(
+        cfg.seed, data_files={p.name: p for p in sorted((out / "data").glob("*.jsonl"))},
+        base=model.base_record["path"], world_size=runtime["dist"].world_size,
+        device=str(runtime["device"])))
+
+
 def finish_run(cfg, model, result, prepared, runtime, out_dir, writer, steps: int,
                wall_s: float) -> dict:
     """Save the adapter, manifest, log, plot and results (rank 0); returns the results."""
@@ -165,11 +179,9 @@ def finish_run(cfg, model, result, prepared, runtime, out_dir, writer, steps: in
         "wall_s": wall_s, "peak_rss_bytes": peak_rss_bytes(),
     }
     writer.write(save_adapter, model, out / "adapter",
-                 base_model_name_or_path=model.base_record["path"], extra=model.base_record)
-    writer.write(atomic_write_json, out / "manifest.json", run_manifest(
-        cfg.seed, data_files={p.name: p for p in sorted((out / "data").glob("*.jsonl"))},
-        base=model.base_record["path"], world_size=runtime["dist"].world_size,
-        device=str(runtime["device"])))
+                 base_model_name_or_path=model.base_record["path"], extra=model.base_record,
+                 fingerprint=model.base_fingerprint)
+    writer.write(_write_manifest, cfg, model, runtime, out)
     writer.write_log(log)
     writer.write(plot_loss, log, out / "loss.png",
                  title=f"{cfg.method} r={cfg.rank} on {Path(model.base_record['path']).name}")
