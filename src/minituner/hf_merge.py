@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 
 from minituner.files import atomic_write_json, read_json
-from minituner.lora import lora_layers, merge_and_unload, set_submodule
-
-MERGE_TARGETS = ("dequantized", "requantized")
+from minituner.lora import lora_layers, merge_and_unload, output_drift, run_probe, set_submodule
+from minituner.qlora import MERGE_TARGETS
 
 
 def recorded_hf_base(adapter_dir: str | os.PathLike) -> dict | None:
@@ -61,19 +60,15 @@ def probe_tokens(vocab_size: int, context: int | None, seed: int = 0) -> torch.T
 
 @torch.no_grad()
 def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    out = model(input_ids=tokens.to(device), use_cache=False).logits.float().cpu()
-    model.train(was_training)
-    return out
+    return run_probe(model, lambda m: m(input_ids=tokens.to(device), use_cache=False).logits).cpu()
 
 
 def _drift(reference: torch.Tensor, other: torch.Tensor) -> dict:
-    diff = (other - reference).abs()
+    max_diff, mean_diff = output_drift(reference, other)
     scale = float(reference.abs().mean())
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "relative_mean_diff": float(diff.mean()) / scale if scale else None}
+    return {"max_abs_diff": max_diff, "mean_abs_diff": mean_diff,
+            "relative_mean_diff": mean_diff / scale if scale else None}
 
 
 @torch.no_grad()
@@ -106,7 +101,7 @@ def _as_float_layer(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
 def _merge(model: nn.Module, target: str, record: dict) -> nn.Module:
     """Merge every adapter into its base and unload; layout per ``target``."""
     from minituner.hf_load import quantize_loaded_model
-    from minituner.qlora import QuantizedLinear, merge_quantized_lora, parse_quant_scheme
+    from minituner.qlora import QuantizedLinear, parse_quant_scheme
 
     dtype = getattr(torch, record.get("compute_dtype", "float32"))
     blocksize, double_quant = parse_quant_scheme(record.get("quant_scheme", "nf4_per_group_64"))
@@ -114,9 +109,7 @@ def _merge(model: nn.Module, target: str, record: dict) -> nn.Module:
     sources = {name: bool(getattr(layer.base, "source_fan_in_fan_out", False))
                for name, layer in lora_layers(model)}
     quantized_base = record.get("method") == "qlora"
-    if quantized_base:
-        merge_quantized_lora(model, target=target)
-    merge_and_unload(model)
+    merge_and_unload(model, target=target if quantized_base else None)  # NF4 bases: per target
     for name in wrapped:  # merged layers lose the Conv1D mark: put it back
         model.get_submodule(name).source_fan_in_fan_out = sources[name]
     if target == "dequantized":
@@ -164,7 +157,6 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
                  "every weight to NF4"),
     }
     atomic_write_json(out / "merge_report.json", report)
-    os.chmod(out / "merge_report.json", 0o644)  # readable like the rest of the directory
     return report
 
 
