@@ -73,3 +73,29 @@ def test_merge_refuses_another_base_and_a_full_folder(tmp_path, toy_hf_model):
         merge_hf_adapter(None, tmp_path / "adapter", tmp_path / "busy")
     with pytest.raises(ValueError, match="--target"):
         merge_hf_adapter(None, tmp_path / "adapter", tmp_path / "m2", target="float16")
+
+
+def test_atomic_directory_replaces_or_leaves_the_old_folder(tmp_path):
+    from minituner.files import atomic_directory
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(out) as staging:
+        (staging / "new").write_text("new")
+        raise RuntimeError("write failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # staging removed
+    assert [p.name for p in out.iterdir()] == ["old"]
+    with atomic_directory(out) as staging:
+        (staging / "new").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in out.iterdir()] == ["new"] and out.stat().st_mode & 0o777 == \
+        0o777 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

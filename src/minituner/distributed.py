@@ -104,15 +104,6 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return total.to(value.device)
 
 
-def broadcast_object(value, src: int = 0):
-    """Rank ``src``'s Python object on every process (the object itself when alone)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def _sum_gradients_hook(state, bucket):
     """DDP communication hook: all-reduce SUM (DDP's default divides by the world size)."""
     work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -120,6 +121,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
+@contextmanager
+def quiet_transformers():
+    """Inside the block transformers prints no progress bars and only errors (library code
+    never prints); its settings are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf_model(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> nn.Module:
@@ -129,21 +147,14 @@ def load_hf_model(
         raise ValueError(f"{hf_dir(path)}: the checkpoint is 4-bit quantized; use --method qlora")
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # progress bars and load reports are not ours to print
-    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(hf_dir(path)), config=config, dtype=dtype, local_files_only=True,
-        )
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(hf_dir(path)), config=config, dtype=dtype, local_files_only=True,
+            )
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"{hf_dir(path)}: cannot load the model ({_first_line(exc)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
     fuse_activations(model)
     return model.to(device).eval()
 

@@ -22,13 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf import (
-    check_architecture,
-    fuse_activations,
-    hf_dir,
-    hf_targets,
-    read_hf_config,
-)
+from minituner.hf import fuse_activations, hf_dir, hf_targets, read_hf_config
 from minituner.lora_layer import is_fan_in_fan_out
 from minituner.lora_targets import ALL_LINEAR, set_submodule
 from minituner.nf4 import check_blocksize, quantize_nf4
@@ -148,8 +142,7 @@ def load_quantized_hf_model(
     from minituner.qlora import DequantBuffer
 
     check_blocksize(blocksize)
-    config = read_hf_config(path)
-    check_architecture(config.model_type)
+    config = read_hf_config(path)  # refuses an unsupported architecture
     source = TensorSource(hf_dir(path))
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
@@ -161,11 +154,9 @@ def load_quantized_hf_model(
     buffer = DequantBuffer()
     for name in targets:
         module = model.get_submodule(name)
-        fan_in_fan_out = is_fan_in_fan_out(module)
         has_bias = getattr(module, "bias", None) is not None
         layer = _quantized_layer(source, name, prefix, module, compute_dtype, blocksize,
                                  double_quant, buffer, has_bias)
-        layer.source_fan_in_fan_out = fan_in_fan_out
         set_submodule(model, name, layer)
     _load_remaining(model, source, prefix, compute_dtype)
     fuse_activations(model)
@@ -209,6 +200,7 @@ def _quantized_layer(source, name, prefix, module, compute_dtype, blocksize, dou
         layer = QuantizedLinear.from_bnb_state_dict(state, stem, bias=bias,
                                                     compute_dtype=compute_dtype)
         layer.dequant_buffer = buffer
+        layer.source_fan_in_fan_out = is_fan_in_fan_out(module)  # nf4_layer sets it otherwise
         return layer
     weight_key = _checkpoint_name(source, f"{name}.weight", prefix)
     if weight_key is None:

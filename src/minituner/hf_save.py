@@ -16,14 +16,13 @@ sees half of it.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from minituner.files import atomic_save_safetensors, atomic_write_json
+from minituner.files import atomic_directory, atomic_save_safetensors, atomic_write_json
+from minituner.lora import lora_layers
 
 
 def bnb_quantization_config(model: nn.Module) -> dict | None:
@@ -88,17 +87,14 @@ def save_hf_model(model: nn.Module, directory: str | os.PathLike, tokenizer=None
         raise NotADirectoryError(f"{out}: --out exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder is not empty (pass --overwrite to replace it)")
-    if any(type(m).__name__ == "LoRALinear" for m in model.modules()):
+    if lora_layers(model):
         raise ValueError("model still has LoRA layers; merge_and_unload it before saving")
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     quantization = bnb_quantization_config(model)
     if quantization is not None:
         config["quantization_config"] = quantization
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; a model directory is not
-    try:
+    with atomic_directory(out) as staging:
         atomic_write_json(staging / "config.json", config)
         atomic_save_safetensors(staging / "model.safetensors", export_state_dict(model),
                                 metadata={"format": "pt"})
@@ -107,12 +103,4 @@ def save_hf_model(model: nn.Module, directory: str | os.PathLike, tokenizer=None
             atomic_write_json(staging / "generation_config.json", generation.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        for file in staging.iterdir():
-            os.chmod(file, 0o644)  # atomic writes create private files; a model is shared
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

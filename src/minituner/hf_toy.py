@@ -10,8 +10,6 @@ only shows that the machinery works.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -89,22 +87,17 @@ def write_toy_model(
     """Save a random-init model (seeded) and the toy tokenizer into ``directory`` atomically."""
     from transformers import AutoModelForCausalLM
 
+    from minituner.files import atomic_directory
+    from minituner.hf import quiet_transformers
+
     config = toy_config(arch, size, dropout)
     out = Path(directory)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: folder exists and is not empty")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; a model directory is not
-    try:
-        model.save_pretrained(str(staging))
+    with atomic_directory(out) as staging:
+        with quiet_transformers():
+            model.save_pretrained(str(staging))
         toy_tokenizer().save_pretrained(str(staging))
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
