@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from minituner import nf4_kernels
-from minituner.nf4_kernels import NF4_CODE, dequantize_flat, for_each_chunk, pair_table
+from minituner.nf4_kernels import (
+    NF4_CODE,
+    dequantize_flat,
+    for_each_chunk,
+    lookup_tables,
+    pair_table,
+    standard_code,
+)
 
 
 def reference(packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, blocksize: int,
@@ -43,6 +50,22 @@ def test_a_custom_code_gets_its_own_pair_table():
     out = torch.empty(4)
     dequantize_flat(packed, code, torch.tensor([2.0]), 32, out)  # only a partial block
     assert torch.equal(out, 2.0 * torch.stack([code[3], code[10], code[15], code[0]]))
+
+
+def test_pair_table_never_copies_a_device_code_to_the_host(monkeypatch):
+    shared = lookup_tables("meta")["code"]
+    assert standard_code(NF4_CODE) is NF4_CODE and standard_code(NF4_CODE.clone()) is NF4_CODE
+    custom = torch.linspace(-1, 1, 16)
+    assert standard_code(custom) is custom
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: pytest.fail("host copy"))
+    assert pair_table(shared) is lookup_tables("meta")["pairs"]
+    table = pair_table(custom.to("meta"))  # an unknown code: its own table, on its device
+    assert table.device.type == "meta" and table.shape == (256, 2)
+    monkeypatch.setattr(nf4_kernels, "CHUNK", 1024)
+    monkeypatch.setattr(nf4_kernels, "for_each_chunk", lambda *a: pytest.fail("chunked"))
+    out = torch.empty(4096 + 32, device="meta")  # off the CPU: one chunk, no worker threads
+    dequantize_flat(torch.empty(2064, dtype=torch.uint8, device="meta"), shared,
+                    torch.empty(65, device="meta"), 64, out)
 
 
 def test_for_each_chunk_runs_every_index_once():

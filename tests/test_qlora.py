@@ -19,7 +19,7 @@ from minituner.lora import (
     wrap_minigpt_with_lora,
 )
 from minituner.model import MiniGPT
-from minituner.nf4 import quantize_nf4
+from minituner.nf4 import NF4_CODE, dequantize_nf4, quantize_nf4
 from minituner.qlora import (
     QUANT_SCHEMES,
     DequantBuffer,
@@ -139,6 +139,25 @@ def test_state_dict_round_trip_uses_bitsandbytes_keys():
     assert torch.equal(other.bias, layer.bias)
     with pytest.raises(RuntimeError, match="Missing key"):
         other.load_state_dict({k: v for k, v in state.items() if k != "weight.absmax"})
+
+
+def test_the_standard_code_is_recognised_once_when_the_weight_is_set(monkeypatch):
+    layer = QuantizedLinear.from_linear(linear(seed=3))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}  # an equal, distinct code
+    other = QuantizedLinear.from_linear(linear(seed=4))
+    other.load_state_dict(state)
+    assert other.code is NF4_CODE and layer.code is NF4_CODE  # the shared standard tensor
+    custom = quantize_nf4(linear(seed=5).weight.detach())
+    custom.code = torch.linspace(-1, 1, 16)
+    odd = QuantizedLinear(custom)
+    assert odd.code is custom.code
+    assert torch.equal(odd.dequantized_weight(), dequantize_nf4(custom))
+    compared = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(1) or real_equal(a, b))
+    x = torch.randn(2, 96, requires_grad=True)
+    other(x).sum().backward()
+    assert compared == []  # no per-call comparison of the code on the standard path
 
 
 def test_from_bnb_state_dict():

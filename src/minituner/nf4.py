@@ -242,7 +242,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError("w contains NaN or infinite values; NF4 cannot represent them")
     tables = lookup_tables(str(w.device))
     fields = {"packed": packed, "shape": tuple(w.shape), "dtype": w.dtype,
-              "blocksize": blocksize, "code": NF4_CODE.to(w.device)}
+              "blocksize": blocksize, "code": tables["code"]}
     if not double_quant:
         return NF4Weight(absmax=absmax, **fields)
     codes, nested_absmax, offset = quantize_scales(absmax)

@@ -108,6 +108,7 @@ def lookup_tables(device: str = "cpu") -> dict:
     tables = {
         "level": low_level.to(torch.uint8),  # level of the prefix's low end
         "threshold": threshold,  # values above it take the next level (+inf: never)
+        "code": code,  # the standard code, one shared tensor per device
         "pairs": torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous(),
         "nested_code": nested_code,
         "nested_lut": nearest_code_table(nested_code),
@@ -170,10 +171,29 @@ def quantize_flat(flat: torch.Tensor, blocksize: int) -> tuple:
 
 
 
+def standard_code(code: torch.Tensor) -> torch.Tensor:
+    """The shared NF4 code tensor of ``code``'s device when ``code`` holds the standard values,
+    else ``code`` itself. Compares values (a host copy off the CPU): call it once, when a
+    weight is set, so that :func:`pair_table` recognises the code by identity afterwards."""
+    shared = lookup_tables(str(code.device))["code"]
+    if code is shared or code is NF4_CODE:
+        return shared
+    if code.dtype == torch.float32 and torch.equal(code.cpu(), NF4_CODE):
+        return shared
+    return code
+
+
 def pair_table(code: torch.Tensor) -> torch.Tensor:
-    """(256, 2) fp32 table: byte -> (value of its high nibble, value of its low nibble)."""
-    if code is NF4_CODE or torch.equal(code.cpu(), NF4_CODE):
-        return lookup_tables(str(code.device))["pairs"]
+    """(256, 2) fp32 table: byte -> (value of its high nibble, value of its low nibble).
+
+    The standard code gets the cached table when it is the shared tensor (see
+    :func:`standard_code`) or, on the CPU, equal to it; any other code gets its table built on
+    its own device, so no call copies the code to the host.
+    """
+    tables = lookup_tables(str(code.device))
+    if code is NF4_CODE or code is tables["code"] or (
+            code.device.type == "cpu" and torch.equal(code, NF4_CODE)):
+        return tables["pairs"]
     byte = torch.arange(256, device=code.device)
     return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
 
@@ -198,11 +218,15 @@ def dequantize_flat(packed, code, scales, blocksize: int, out) -> None:
     if main:
         body, body_bytes = out[:main], packed[:main // 2]
         table = pairs.view(torch.int64).view(-1)  # one 8-byte row per byte: a 1-D gather
-        packed_parts = body_bytes.split(CHUNK // 2)
-        out_parts = body.split(CHUNK)
-        scale_parts = scales[:main // blocksize].unsqueeze(1).split(CHUNK // blocksize)
-        for_each_chunk(len(out_parts), lambda i: dequantize_blocks(
-            packed_parts[i], table, scale_parts[i], out_parts[i], blocksize))
+        body_scales = scales[:main // blocksize].unsqueeze(1)
+        if out.device.type != "cpu":  # one launch per op: chunks and threads only help a CPU
+            dequantize_blocks(body_bytes, table, body_scales, body, blocksize)
+        else:
+            packed_parts = body_bytes.split(CHUNK // 2)
+            out_parts = body.split(CHUNK)
+            scale_parts = body_scales.split(CHUNK // blocksize)
+            for_each_chunk(len(out_parts), lambda i: dequantize_blocks(
+                packed_parts[i], table, scale_parts[i], out_parts[i], blocksize))
     if main < numel:  # the partial last block
         tail = pairs[packed[main // 2:].long()].view(-1)[:numel - main]
         out[main:] = (tail * scales[-1]).to(out.dtype)

@@ -29,6 +29,7 @@ from minituner.lora import (
 )
 from minituner.lora_merge import MergeReport, output_drift, run_probe
 from minituner.nf4 import NF4Weight, check_blocksize, check_dtype, dequantize_nf4, quantize_nf4
+from minituner.nf4_kernels import standard_code
 
 QUANT_SCHEMES = {  # name -> (blocksize, double quantization); QLoRA's own setting is the first
     "nf4_per_group_64": (64, True),
@@ -124,8 +125,10 @@ class QuantizedLinear(nn.Module):
             )
         self.weight_dtype, self.blocksize = q.dtype, q.blocksize
         self.offset, self.nested_blocksize = q.offset, q.nested_blocksize
-        for name in ("packed", "absmax", "code", "nested_absmax", "nested_code"):
+        for name in ("packed", "absmax", "nested_absmax", "nested_code"):
             self.register_buffer(name, getattr(q, name), persistent=False)
+        # decided once here, not per dequantize: the standard code becomes the shared tensor
+        self.register_buffer("code", standard_code(q.code), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -196,7 +199,10 @@ class QuantizedLinear(nn.Module):
         for name, buf in self._buffers.items():
             if buf is not None:
                 moved = fn(buf)
-                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+                moved = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+                if name == "code" and moved.device != buf.device:
+                    moved = standard_code(moved)
+                self._buffers[name] = moved
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
