@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from minituner.accounting import training_state_bytes
 from minituner.cli import main
 from minituner.lora import wrap_minigpt_with_lora
 from minituner.memory import (
@@ -82,39 +83,38 @@ def test_hf_config_reading_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- exact Mini-GPT
 
 
+def _model_loss(model: nn.Module, batch: dict) -> tuple:
+    _, loss = model(batch["input_ids"], batch["targets"])
+    return loss, 1
+
+
 def measure_training_bytes(model: nn.Module, batch: int = 16, seq: int = 32) -> dict:
-    """Exact tensor bytes of one AdamW training step, counted tensor by tensor."""
+    """Exact tensor bytes of one AdamW training step, from :mod:`minituner.accounting`.
+
+    ``weights`` is counted per layer, as the planner and the bitsandbytes layout count them:
+    each NF4 layer's code map and fp32 offset included. ``weights_in_memory`` is accounting's
+    count, each storage once (the standard code map is one tensor shared by every NF4 layer,
+    and the offset is a Python float, not a tensor).
+    """
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             weights += module.storage_bytes()  # codes, scales, maps, offset and bias
         else:
             weights += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
-    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in known:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     g = torch.Generator().manual_seed(0)
     tokens, targets = (torch.randint(0, 64, (batch, seq), generator=g) for _ in range(2))
+    step = {"input_ids": tokens, "targets": targets}
     optimizer = build_optimizer(model, lr=1e-3)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _, loss = model(tokens, targets)
-    loss.backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
-                if p.grad is not None)
-    optimizer.step()
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
-                for v in s.values() if isinstance(v, torch.Tensor))
-    buffers = {id(m.dequant_buffer): m.dequant_buffer for m in model.modules()
-               if isinstance(m, QuantizedLinear) and m.dequant_buffer is not None}
-    return {"weights": weights, "gradients": grads, "optimizer": state,
-            "saved_activations": sum(saved.values()),
-            "dequant_buffer": sum(b.nbytes() for b in buffers.values())}
+    _model_loss(model, step)[0].backward()
+    optimizer.step()  # the AdamW state exists from the first step on
+    exact = training_state_bytes(model, optimizer, _model_loss, step)
+    return {"weights": weights,
+            "weights_in_memory": exact["parameters_trainable_bytes"]
+            + exact["frozen_weight_bytes"],
+            "gradients": exact["gradient_bytes"], "optimizer": exact["optimizer_state_bytes"],
+            "saved_activations": exact["saved_activation_bytes"],
+            "dequant_buffer": exact["dequant_scratch_bytes"]}
 
 
 ACTIVATION_TOLERANCE = 0.02  # the planner's saved-activation bytes vs autograd's, relative
@@ -129,6 +129,9 @@ def test_planner_matches_exact_minigpt_tensor_bytes(method):
     plan = plan_memory("minigpt", method, rank=8, batch=16, seq=32, base_dtype="fp32",
                        compute_dtype="fp32")
     assert plan.buckets["weights"] == measured["weights"]
+    nf4 = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    shared = sum(m.code.numel() * m.code.element_size() for m in nf4[1:]) + 4 * len(nf4)
+    assert measured["weights"] - measured["weights_in_memory"] == shared  # 0 without NF4
     assert plan.buckets["gradients"] == measured["gradients"]
     assert plan.buckets["optimizer"] == measured["optimizer"]
     predicted_saved = (plan.details["activations.saved_blocks"]
