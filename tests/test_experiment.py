@@ -21,7 +21,7 @@ def test_committed_probe_files_are_what_the_generator_writes(tiny_base_run):
         assert committed == corpus.jsonl_text(records), name
 
 
-def test_probes_hold_only_test_frames_and_no_training_line(tiny_base_run):
+def test_probes_hold_96_items_each_all_from_test_frames():
     from minituner.data import split_frames
 
     test_frames = set(split_frames()["test"])

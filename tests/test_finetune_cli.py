@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from minituner.cli import main
 from minituner.files import atomic_save_safetensors, load_safetensors, read_json
@@ -131,7 +130,6 @@ def test_bad_inputs_are_one_line_errors(lora_run, tiny_base_run, tmp_path, capsy
     assert "trained on another base" in one_line_error(capsys)
     assert main(["finetune", "--base", str(tmp_path), "--out", str(tmp_path / "y")]) == 1
     assert "not a model run folder" in one_line_error(capsys)
-    assert torch.is_tensor(weights["ln_f.bias"])
 
 
 def test_config_file_then_flags(tiny_base_run, tmp_path, capsys):

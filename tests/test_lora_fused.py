@@ -131,9 +131,20 @@ def test_nf4_base_saves_packed_weight_only():
 
 def test_no_input_gradient_when_input_needs_none():
     layer = lora_layer("nf4")
+    dequantize, calls = layer.base.dequantize_for_compute, []
+
+    def counted(*args):
+        calls.append(args)
+        return dequantize(*args)
+
+    layer.base.dequantize_for_compute = counted
     out = layer(torch.randn(6, 48))
+    assert len(calls) == 1  # the forward's
     out.sum().backward()
+    assert len(calls) == 1  # the backward needs no base weight: x wants no gradient
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    layer(torch.randn(6, 48, requires_grad=True)).sum().backward()
+    assert len(calls) == 3  # the counter does see a backward that needs the weight
 
 
 def test_falls_back_when_dropout_trains_the_base_or_hooks():
