@@ -12,19 +12,9 @@ import copy
 from pathlib import Path
 
 from minituner.files import read_json
+from minituner.runs import load_run_config
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def _run_config(run_dir: Path) -> dict:
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found")
-    if not (run_dir / "config.json").is_file():
-        raise ValueError(f"{run_dir}: not a run folder (no config.json)")
-    config = read_json(run_dir / "config.json", "run config")
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"{run_dir}: not a Mini-GPT run folder (config.json has no 'model')")
-    return config
 
 
 def _adapter_settings(adapter_dir: Path) -> dict:
@@ -75,7 +65,7 @@ def load_run(run_dir, adapter=None) -> tuple:
     from minituner.finetune import load_base
 
     run = Path(run_dir)
-    config = _run_config(run)
+    config = load_run_config(run)
     if config.get("kind") == "finetune" and config.get("method") in ("lora", "qlora"):
         base = Path(config["base"]["path"])
         model, tokenizer, _ = load_base(base)

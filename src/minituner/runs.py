@@ -72,8 +72,8 @@ def load_run_config(run_dir: str | Path) -> dict:
     if not (run / CONFIG_FILE).is_file():
         raise ValueError(f"{run}: not a run folder (no {CONFIG_FILE})")
     config = read_json(run / CONFIG_FILE, "run config")
-    if "model" not in config:
-        raise ValueError(f"{run / CONFIG_FILE}: field 'model' missing (not a model run)")
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"{run / CONFIG_FILE}: field 'model' missing (not a Mini-GPT run)")
     return config
 
 
