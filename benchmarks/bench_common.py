@@ -74,7 +74,11 @@ def run_json_child(args: list, env: dict | None = None, timeout: float = 1800) -
     result = subprocess.run(command, capture_output=True, text=True, check=False,
                             timeout=timeout, env={**os.environ, **CHILD_ENV, **(env or {})})
     if result.returncode != 0:
-        raise SystemExit(f"child failed ({' '.join(command[1:])}):\n{result.stderr[-4000:]}")
+        where, detail = f"child failed ({' '.join(command[1:])})", result.stderr.strip()
+        if result.returncode == 1 and detail and "Traceback (most recent call last)" not in detail:
+            # it stopped on purpose (SystemExit with a message, after any library noise)
+            raise SystemExit(f"{where}: {detail.splitlines()[-1]}")
+        raise SystemExit(f"{where}, exit {result.returncode}:\n{detail[-4000:]}")
     lines = [line for line in result.stdout.strip().splitlines() if line.startswith("{")]
     if not lines:
         raise SystemExit(f"child printed no JSON ({' '.join(command[1:])}):\n"
@@ -83,16 +87,23 @@ def run_json_child(args: list, env: dict | None = None, timeout: float = 1800) -
 
 
 def write_results(path: Path, record: dict) -> None:
-    """Write a result JSON atomically, with the machine record and a timestamp added."""
+    """Write a result JSON atomically. Added where the record lacks them: ``command`` (the
+    script and its arguments), ``load_average_after``; always: the machine record and a
+    timestamp."""
     from minituner.files import atomic_write_json
 
-    atomic_write_json(path, {**record, "machine": machine_record(),
+    defaults = {"command": " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "load_average_after": load_average()}
+    atomic_write_json(path, {**defaults, **record, "machine": machine_record(),
                              "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def median_spread(values: list) -> dict:
-    """Median, min and max of a list of numbers."""
+def median_spread(values: list, unit: str = "") -> dict:
+    """Median, min and max of a list of numbers, and how many; ``unit`` suffixes the keys
+    (``median_ms`` ...)."""
+    suffix = f"_{unit}" if unit else ""
     ordered = sorted(values)
     n = len(ordered)
     median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-    return {"median": median, "min": ordered[0], "max": ordered[-1], "n": n}
+    return {f"median{suffix}": median, f"min{suffix}": ordered[0], f"max{suffix}": ordered[-1],
+            "n": n}

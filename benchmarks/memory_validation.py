@@ -3,9 +3,9 @@
 Each configuration runs in a fresh subprocess: it imports everything and warms up torch on a
 tiny model (kernels, thread pools, allocator), records its resident memory, then builds the
 random-init GPT-2-small-shaped model (benchmarks/gpt2_shape.py), trains a few AdamW steps and
-reads its peak RSS. The measured figure is peak RSS minus the RSS recorded before building;
-the prediction is ``plan_memory("gpt2-small", ...)`` with the same method, batch, sequence and
-dtypes. Goal: prediction within 15% of the measurement. Writes
+reads its peak RSS (VmHWM). The measured figure is peak RSS minus the RSS recorded before
+building; the prediction is ``plan_memory("gpt2-small", ...)`` with the same method, batch,
+sequence and dtypes. Goal: prediction within 15% of the measurement. Writes
 benchmarks/results/memory_validation.json.
 
 Every configuration runs twice: with glibc's default allocator settings, and with a fixed mmap
@@ -21,32 +21,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
+from bench_common import load_average, run_json_child, vm_hwm_bytes, vm_rss_bytes, write_results
 
+HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "memory_validation.json"
 METHODS = ("full", "lora", "qlora")
 TOLERANCE = 0.15
 ALLOCATORS = {"glibc-default": {}, "fixed-mmap-threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
-
-
-def current_rss() -> int:
-    """Resident bytes of this process now."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """Peak resident bytes of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def warm_up() -> None:
@@ -79,10 +64,10 @@ def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     warm_up()
     gc.collect()
-    baseline, peak_before = current_rss(), peak_rss()
+    baseline, peak_before = vm_rss_bytes(), vm_hwm_bytes()
     started = time.perf_counter()
     model = build(method)
-    built_rss = current_rss()
+    built_rss = vm_rss_bytes()
     optimizer = build_optimizer(model, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -93,13 +78,13 @@ def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
         loss.backward()
         optimizer.step()
         del loss
-    measured = peak_rss() - baseline
+    measured = vm_hwm_bytes() - baseline
     plan = plan_memory("gpt2-small", method, rank=8, batch=batch, seq=seq, base_dtype="fp32",
                        compute_dtype="fp32", adapter_dtype="fp32")
     return {
         "method": method, "batch": batch, "seq": seq, "steps": steps, "threads": threads,
         "baseline_rss_bytes": baseline, "peak_rss_before_build_bytes": peak_before,
-        "rss_after_build_bytes": built_rss, "peak_rss_bytes": peak_rss(),
+        "rss_after_build_bytes": built_rss, "peak_rss_bytes": vm_hwm_bytes(),
         "measured_growth_bytes": measured, "predicted_bytes": plan.total_bytes,
         "predicted_buckets": plan.buckets, "predicted_details": plan.details,
         "ratio_predicted_to_measured": plan.total_bytes / measured,
@@ -119,28 +104,20 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.seq, args.steps, args.threads)))
         return 0
-    from minituner.files import atomic_write_json, hardware_info, package_versions
-
+    load_before = load_average()
     rows = []
     for allocator, env in ALLOCATORS.items():
         for method in METHODS:
-            command = [sys.executable, __file__, "--child", method, "--batch", str(args.batch),
-                       "--seq", str(args.seq), "--steps", str(args.steps),
-                       "--threads", str(args.threads)]
-            result = subprocess.run(command, capture_output=True, text=True, check=False,
-                                    env={**os.environ, **env, "PYTHONWARNINGS": "ignore"})
-            if result.returncode != 0:
-                raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
-            row = json.loads(result.stdout.strip().splitlines()[-1])
+            row = run_json_child([__file__, "--child", method, "--batch", args.batch,
+                                  "--seq", args.seq, "--steps", args.steps,
+                                  "--threads", args.threads], env=env)
             row["allocator"] = allocator
             row["within_tolerance"] = abs(row["ratio_predicted_to_measured"] - 1) <= TOLERANCE
             rows.append(row)
             print(f"done {allocator} {method}", file=sys.stderr, flush=True)
-    atomic_write_json(args.out, {
+    write_results(args.out, {
         "benchmark": "memory planner vs measured peak-RSS growth, GPT-2-small shape, random init",
-        "command": "benchmarks/memory_validation.py", "tolerance": TOLERANCE, "rows": rows,
-        "versions": package_versions(), "hardware": hardware_info(),
-        "load_average": os.getloadavg(),
+        "tolerance": TOLERANCE, "rows": rows, "load_average_before": load_before,
     })
     print(f"GPT-2-small shape, batch {args.batch} x {args.seq}, {args.steps} AdamW steps, "
           f"{args.threads} threads, fp32")

@@ -24,19 +24,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from bench_common import load_average, median_spread, write_results
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
-
-from bench_common import load_average, write_results  # noqa: E402
-
 RESULTS = HERE / "results" / "merge.json"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 RANK, ALPHA = 8, 16.0
@@ -46,11 +41,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def spread(values: list) -> dict:
-    return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values),
-            "n": len(values)}
 
 
 def base_model():
@@ -164,7 +154,7 @@ def float_merge(ours, theirs, tokens, repeats: int) -> dict:
                 "minituner": drift(unmerged, logits(mine, tokens)),
                 "peft": drift(unmerged, logits(peft_copy, tokens))}
         del mine, peft_copy
-    out["timings"] = {k: spread(v) for k, v in {**times, **unload}.items()}
+    out["timings"] = {k: median_spread(v, "s") for k, v in {**times, **unload}.items()}
     out["ratios_minituner_to_peft"] = {
         op: out["timings"][f"minituner_{op}"]["median_s"] / out["timings"][f"peft_{op}"]["median_s"]
         for op in ("merge", "unmerge", "merge_and_unload")}
@@ -322,11 +312,9 @@ def main(argv=None) -> int:
     table = markdown(result)
     write_results(args.out, {
         "benchmark": "LoRA merge / unmerge: minituner vs PEFT, GPT-2-small shape",
-        "command": " ".join(["benchmarks/merge.py", *(argv or sys.argv[1:])]),
         "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "repeats": repeats,
         "threads": args.threads, **result, "markdown": table,
-        "load_average_before": load_before, "load_average_after": load_average(),
-        "wall_s": time.perf_counter() - started,
+        "load_average_before": load_before, "wall_s": time.perf_counter() - started,
     })
     print(table)
     return 0

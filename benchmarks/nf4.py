@@ -1,10 +1,10 @@
 """NF4 quantize / dequantize speed: minituner vs bitsandbytes vs torchao, one process.
 
 Each timing is the median of 5 runs (3 at 8192 x 8192; min and max kept); the libraries take
-turns within every run, so load changes on a shared machine hit them alike. The copy floor is a
-clone of a 64 MB fp32 tensor (4096 x 4096): the cost of just writing a dequantized matrix that
-size; each size and dtype also gets its own floor (a clone of the input, timed in the same
-turns), and every dequantize time is reported as a multiple of it. Goals, per size and dtype:
+turns within every run, so load changes on a shared machine hit them alike. Each size and dtype
+gets its own copy floor (a clone of the input, timed in the same turns): the cost of just
+writing a dequantized matrix that size; every dequantize time is reported as a multiple of it,
+and the 4096 x 4096 fp32 one (a 64 MB tensor) heads the table. Goals, per size and dtype:
 minituner quantizes no slower than bitsandbytes (ratio <= 1.0) and dequantizes within 1.5x of
 it. minituner's dequantization is timed both into a fresh tensor (as the others) and into a
 reused buffer (``out=``, what QuantizedLinear does). Writes benchmarks/results/nf4.json and
@@ -17,40 +17,20 @@ prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from bench_common import load_average, median_spread, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from minituner.files import atomic_write_json, hardware_info, package_versions  # noqa: E402
-from minituner.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
+from minituner.nf4 import dequantize_nf4, quantize_nf4
 
 RESULTS = Path(__file__).resolve().parent / "results" / "nf4.json"
 REPEATS = 5
 LARGE_SIDE, LARGE_REPEATS = 8192, 3  # 8192^2 takes seconds per call in torchao: 3 timed rounds
 GOALS = {"quantize": 1.0, "dequantize": 1.5}  # minituner / bitsandbytes, at most
-
-
-def summary(times: list) -> dict:
-    """Median, min and max of a list of milliseconds."""
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
-
-
-def timed(fn, repeats: int = REPEATS) -> dict:
-    """Timing summary of ``fn()`` in milliseconds (one untimed warm-up first)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return summary(times)
 
 
 def libraries():
@@ -104,12 +84,12 @@ def bench_size(side: int, dtype: torch.dtype, libs) -> list:
             prepared[name]["ops"][op]()
             if repeat:
                 samples.append((time.perf_counter() - start) * 1000)
-    floor = summary(times[("copy", "clone")])
+    floor = median_spread(times[("copy", "clone")], "ms")
     for row in rows:
         row["repeats"] = repeats
         for (name, op), samples in times.items():
             if name == row["library"]:
-                row[op] = summary(samples)
+                row[op] = median_spread(samples, "ms")
         if "dequantize" in row:
             row["copy_floor"] = floor
             row["dequantize_over_copy_floor"] = row["dequantize"]["median_ms"] / floor["median_ms"]
@@ -195,26 +175,25 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    load_before = load_average()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     sizes = [64, 256, 1024, 4096] + ([] if args.quick else [8192])
     libs = libraries()
-    floor = timed(torch.randn(4096, 4096).clone)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for side in sizes:
             rows.extend(bench_size(side, dtype, libs))
             print(f"done {side}x{side} {dtype}", file=sys.stderr, flush=True)
     add_ratios(rows)
+    floor = next(r["copy_floor"] for r in rows  # the 64 MB floor: 4096 x 4096 fp32's own
+                 if r["shape"] == [4096, 4096] and r["dtype"] == "float32" and "copy_floor" in r)
     summary = goal_summary(rows)
     table = markdown(rows, floor) + "\n" + goal_lines(summary)
-    atomic_write_json(args.out, {
+    write_results(args.out, {
         "benchmark": "nf4 quantize/dequantize, blocksize 64, double quantization",
-        "command": "benchmarks/nf4.py" + (" --quick" if args.quick else ""),
         "repeats": REPEATS, "threads": args.threads, "copy_floor_64MB": floor, "rows": rows,
-        "goals": summary, "markdown": table,
-        "versions": package_versions(), "hardware": hardware_info(),
-        "load_average": os.getloadavg(),
+        "goals": summary, "markdown": table, "load_average_before": load_before,
     })
     print(table)
     return 0

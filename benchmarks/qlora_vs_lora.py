@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
+from bench_common import load_average, run_json_child, write_results
 
+HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "qlora_vs_lora.json"
 SHAPES = {"minigpt": {"batch": 16, "seq": 32, "timed": 30},
           "gpt2-small": {"batch": 4, "seq": 128, "timed": 3}}
@@ -73,11 +69,12 @@ def child(model_name: str, method: str, threads: int) -> dict:
     """Build and train one configuration; return its measurements."""
     import torch
 
+    from minituner.files import peak_rss_bytes
     from minituner.train import build_optimizer
 
     torch.set_num_threads(threads)
     shape = SHAPES[model_name]
-    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start_rss = peak_rss_bytes()
     started = time.perf_counter()
     model = build_model(model_name, method)
     build_s = time.perf_counter() - started
@@ -101,18 +98,9 @@ def child(model_name: str, method: str, threads: int) -> dict:
             "step_s_median": statistics.median(timed), "step_s_min": min(timed),
             "step_s_max": max(timed), "step_cpu_s_median": statistics.median(cpu_times[WARMUP:]),
             "build_s": build_s,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_at_start_bytes": start_rss, "weight_bytes": weight_buckets(model),
             "first_loss": losses[0], "last_loss": losses[-1]}
-
-
-def run_child(model: str, method: str, threads: int, env: dict) -> dict:
-    command = [sys.executable, __file__, "--child", model, method, "--threads", str(threads)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False,
-                            env={**os.environ, **env, "PYTHONWARNINGS": "ignore"})
-    if result.returncode != 0:
-        raise SystemExit(f"{model} {method} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -124,8 +112,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(*args.child, args.threads)))
         return 0
-    from minituner.files import atomic_write_json, hardware_info, package_versions
-
+    load_before = load_average()
     # (model, allocator, rounds): LoRA and QLoRA alternate, so load changes hit both alike
     plan = [("minigpt", "glibc-default", 3), ("gpt2-small", "glibc-default", 2),
             ("gpt2-small", "fixed-mmap-threshold", 1)]
@@ -134,7 +121,8 @@ def main(argv=None) -> int:
         runs = {"lora": [], "qlora": []}
         for _ in range(rounds):
             for method in runs:
-                row = run_child(model, method, args.threads, ALLOCATORS[allocator])
+                row = run_json_child([__file__, "--child", model, method, "--threads",
+                                      args.threads], env=ALLOCATORS[allocator])
                 row["allocator"] = allocator
                 rows.append(row)
                 runs[method].append(row)
@@ -158,11 +146,10 @@ def main(argv=None) -> int:
         c["step_goal_met"] = c["step_ratio_qlora_to_lora"] <= 1.3
         if c["model"] == "gpt2-small":
             c["rss_goal_met"] = c["peak_rss_ratio_qlora_to_lora"] <= 0.8
-    atomic_write_json(args.out, {
+    write_results(args.out, {
         "benchmark": "minituner QLoRA vs LoRA, fp32 compute, r = 8",
-        "command": "benchmarks/qlora_vs_lora.py", "threads": args.threads, "warmup_steps": WARMUP,
-        "rows": rows, "comparisons": comparisons, "versions": package_versions(),
-        "hardware": hardware_info(), "load_average": os.getloadavg(),
+        "threads": args.threads, "warmup_steps": WARMUP, "rows": rows,
+        "comparisons": comparisons, "load_average_before": load_before,
     })
     print("| model | allocator | method | step s (median, min-max) | peak RSS MB "
           "| trainable MB | frozen float MB | NF4 MB |")

@@ -28,12 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import CHILD_ENV, load_average, write_results
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
-
-from bench_common import CHILD_ENV, load_average, write_results  # noqa: E402
-
 RESULTS = HERE / "results"
 # name -> (script, extra arguments, extra arguments in --quick mode); in running order
 BENCHMARKS = {

@@ -35,18 +35,15 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
-
-from bench_common import (  # noqa: E402
+from bench_common import (
     load_average,
     run_json_child,
     vm_hwm_bytes,
     vm_rss_bytes,
-    write_results,  # noqa: E402
+    write_results,
 )
 
+HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scaling.json"
 PLOT = HERE / "results" / "scaling.png"
 METHODS = ("full", "lora", "qlora")
@@ -286,12 +283,11 @@ def main(argv=None) -> int:
     table = markdown(rows, summaries)
     write_results(args.out, {
         "benchmark": "Mini-GPT scaling: full FT vs LoRA vs QLoRA, width and sequence sweeps",
-        "command": " ".join(["benchmarks/scaling.py", *(argv or sys.argv[1:])]),
         "threads": args.threads, "warmup_steps": WARMUP, "rows": rows,
         "summaries": summaries, "plot": str(args.plot.relative_to(HERE.parent))
         if args.plot.is_relative_to(HERE.parent) else str(args.plot),
         "markdown": table, "load_average_before": load_before,
-        "load_average_after": load_average(), "wall_s": time.perf_counter() - started,
+        "wall_s": time.perf_counter() - started,
     })
     print(table)
     return 0

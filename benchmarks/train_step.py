@@ -29,18 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
-
-from bench_common import (  # noqa: E402
+from bench_common import (
     load_average,
     run_json_child,
     vm_hwm_bytes,
@@ -48,6 +43,7 @@ from bench_common import (  # noqa: E402
     write_results,
 )
 
+HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "train_step.json"
 PLOT = HERE / "results" / "train_step.png"
 TARGETS = ["c_attn", "c_proj", "c_fc"]  # c_proj: attention and MLP
@@ -240,6 +236,8 @@ def child(name: str, directory: Path, timed_steps: int, threads: int, device: st
     """Load, train and measure one configuration in this process."""
     import torch
 
+    from minituner.files import peak_rss_bytes
+
     torch.set_num_threads(threads)
     _quiet()
     cfg = {**CONFIGS, **ABLATIONS}[name]
@@ -269,7 +267,7 @@ def child(name: str, directory: Path, timed_steps: int, threads: int, device: st
         "load_s": load_s, "rss_after_imports_bytes": rss_imports,
         "rss_after_load_bytes": rss_load, "peak_rss_after_load_bytes": hwm_load,
         "peak_rss_after_step_bytes": hwm, "peak_rss_bytes": vm_hwm_bytes(),
-        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "ru_maxrss_bytes": peak_rss_bytes(),
         "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(p.numel() for p in model.parameters()),
     }
@@ -353,8 +351,8 @@ def compare(rows: dict, paired: dict) -> list:
                                            strict=True)}
         plain = rows.get(ours_name + "-plain")
         if plain is not None:  # the plain path's own distance to the anchor: the noise floor
-            entry["loss_max_abs_diff_plain_path_first_steps"] = max(
-                abs(a - b) for a, b in zip(plain["losses"][:3], anchor["losses"][:3], strict=True))
+            entry["loss_max_abs_diff_plain_path_first_steps"] = _max_diff(
+                plain["losses"][:3], anchor["losses"][:3])
         if memory_key != "peak_rss_bytes":
             entry["host_peak_rss_ratio"] = ours["peak_rss_bytes"] / anchor["peak_rss_bytes"]
         out.append(entry)
@@ -553,12 +551,10 @@ def main(argv=None) -> int:
         plot(rows, args.plot)
     write_results(args.out, {
         "benchmark": "GPT-2-small-shape training step: minituner vs PEFT / PEFT + bitsandbytes",
-        "command": " ".join(["benchmarks/train_step.py", *(argv or sys.argv[1:])]),
         "model": prepared, "targets": TARGETS, "lr": LR, "rows": list(rows.values()),
         "paired": list(paired.values()), "comparisons": comparisons,
         "ablations": ablation_rows, "markdown": table,
-        "load_average_before": load_before, "load_average_after": load_average(),
-        "wall_s": time.perf_counter() - started,
+        "load_average_before": load_before, "wall_s": time.perf_counter() - started,
     })
     print(table)
     return 0
