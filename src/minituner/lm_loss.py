@@ -16,6 +16,10 @@ does. The per-token factor (1 / token count, 0 for ignored targets) is applied t
 largest tensor.
 The gradients are computed in the forward only when an input needs one (training); under
 ``torch.no_grad`` this is a memory-light loss.
+
+For transformers models, :func:`masked_lm_nll` (what fine-tuning runs) calls the model for its
+final hidden states with ``logits_to_keep=1`` and scores them here; :func:`causal_lm_loss` is
+the same with the usual next-token shift and mean.
 """
 
 from __future__ import annotations
@@ -134,28 +138,6 @@ def chunked_lm_loss(
                                reduction == "mean")
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None, ignore_index: int = -100,
-                   chunk_size: int | None = None) -> torch.Tensor:
-    """Mean next-token loss of a transformers causal LM, the head and loss run chunked.
-
-    Position t predicts ``labels[:, t + 1]`` (``labels`` defaults to ``input_ids``), the same
-    shift and mean as ``model(input_ids, labels=labels).loss``. The body is the model's
-    ``base_model_prefix`` module, the head its output embeddings (weight and optional bias).
-    """
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(body, nn.Module) or not isinstance(getattr(head, "weight", None),
-                                                         torch.Tensor):
-        raise ValueError(f"{type(model).__name__}: no base model and output head to split the "
-                         "loss over")
-    labels = input_ids if labels is None else labels
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                  use_cache=False).last_hidden_state
-    return chunked_lm_loss(hidden[:, :-1], head.weight, labels[:, 1:],
-                           getattr(head, "bias", None), ignore_index, chunk_size)
-
-
 def plain_output_head(model: nn.Module) -> nn.Linear | None:
     """The model's LM head when it is a plain ``nn.Linear`` whose logits can be chunked, and
     its forward takes ``logits_to_keep`` (so the full logits need not be made); else None."""
@@ -168,8 +150,8 @@ def plain_output_head(model: nn.Module) -> nn.Linear | None:
 
 
 def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, targets: torch.Tensor,
-                  mask: torch.Tensor) -> tuple:
+                  attention_mask: torch.Tensor | None, targets: torch.Tensor,
+                  mask: torch.Tensor, chunk_size: int | None = None) -> tuple:
     """(summed NLL over the masked targets, their count), the LM head run chunked.
 
     ``forward_model`` (the model, or its DDP wrapper, so DDP sees the forward) returns the final
@@ -181,5 +163,27 @@ def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Te
                         output_hidden_states=True, logits_to_keep=1)
     labels = torch.where(mask.bool(), targets, -100)
     total = chunked_lm_loss(out.hidden_states[-1], head.weight, labels, head.bias,
-                            reduction="sum")
+                            chunk_size=chunk_size, reduction="sum")
     return total, mask.sum()
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, ignore_index: int = -100,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """Mean next-token loss of a transformers causal LM, the head and loss run chunked.
+
+    Position t predicts ``labels[:, t + 1]`` (``labels`` defaults to ``input_ids``), the same
+    shift and mean as ``model(input_ids, labels=labels).loss``, through :func:`masked_lm_nll`
+    (what fine-tuning runs).
+    """
+    head = plain_output_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__}: its output head is not a plain Linear, or its "
+                         "forward takes no logits_to_keep; the loss cannot be chunked")
+    labels = input_ids if labels is None else labels
+    ignored = torch.full_like(labels[:, :1], ignore_index)
+    targets = torch.cat([labels[:, 1:], ignored], dim=1)
+    mask = targets != ignore_index
+    total, count = masked_lm_nll(model, head, input_ids, attention_mask, targets, mask,
+                                 chunk_size)
+    return total / count.clamp(min=1)
