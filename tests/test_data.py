@@ -128,3 +128,18 @@ def test_user_examples_and_their_errors(tmp_path):
         data.load_user_examples(bad)
     with pytest.raises(ValueError, match="more than one"):
         data.fill("a ___ b ___", "x")
+
+
+@pytest.mark.parametrize("line, kind", [('"hello"', "str"), ("[1, 2]", "list"), ("3", "int")])
+def test_control_records_must_be_objects(tmp_path, tiny_base_run, capsys, line, kind):
+    with pytest.raises(ValueError, match=f"control set: control record 2 must be a JSON object"
+                                         f".*got {kind}"):
+        data.control_texts([{"text": "ok"}, json.loads(line)])
+    from minituner.cli import main
+
+    control = tmp_path / "control.jsonl"
+    control.write_text('{"text": "he walked home"}\n' + line + "\n")
+    assert main(["eval", "--model", str(tiny_base_run), "--control", str(control)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "control.jsonl: control record 2 must be a JSON object" in err

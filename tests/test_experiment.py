@@ -73,3 +73,26 @@ def test_tiny_experiment_writes_everything(tiny_base_run, tmp_path, capsys):
     assert (results.parent / "phase-28-sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(results.read_text()) == data
     assert Path(out / "sweep" / "sweep.png").is_file()
+
+
+def test_lr_search_skips_a_diverging_learning_rate(monkeypatch, tmp_path):
+    from minituner import finetune
+    from minituner.experiment import lr_search
+    from minituner.train import NonFiniteLossError
+
+    diverging = {1e-2}
+
+    def fake_run(base, out, cfg, resume, overwrite, **callbacks):
+        if cfg.lr in diverging:
+            raise NonFiniteLossError("training stopped: loss is nan at step 3")
+        return {"best_val_loss": 1.0 + cfg.lr}
+
+    monkeypatch.setattr(finetune, "run_finetune", fake_run)
+    cfg = finetune.FinetuneConfig()
+    search = lr_search("base", tmp_path, cfg, "lora", [1e-3, 3e-3, 1e-2])
+    assert search["chosen_lr"] == 1e-3
+    bad = search["runs"]["1e-02"]
+    assert bad["best_val_loss"] is None and "loss is nan" in bad["note"]
+    diverging.update({1e-3, 3e-3})
+    with pytest.raises(ValueError, match="diverged at every learning rate"):
+        lr_search("base", tmp_path, cfg, "full", [1e-3, 3e-3, 1e-2])

@@ -179,16 +179,20 @@ def build_control_set(test_records: list, size: int = CONTROL_SIZE,
     return chosen
 
 
-def control_texts(records: list) -> list:
-    """Control lines: a record's "text", or its English and Spanish lines."""
+def control_texts(records: list, source: str = "control set") -> list:
+    """Control lines: a record's "text", or its English and Spanish lines (``source``, e.g. the
+    file's path, starts any error message)."""
     texts = []
     for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}: control record {number} must be a JSON object with "
+                             f"'text' or 'en' and 'es', got {type(record).__name__}")
         if isinstance(record.get("text"), str):
             texts.append(record["text"])
         elif isinstance(record.get("en"), str) and isinstance(record.get("es"), str):
             texts.extend((record["en"], record["es"]))
         else:
-            raise ValueError(f"control record {number}: needs 'text' or 'en' and 'es'")
+            raise ValueError(f"{source}: control record {number} needs 'text' or 'en' and 'es'")
     return texts
 
 

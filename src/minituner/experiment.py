@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from minituner.files import atomic_write_json, read_json
+from minituner.finetune import run_with_progress
+from minituner.train import NonFiniteLossError
 
 DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2)
 ABLATION = {  # name -> (replay, kl, replay_nll)
@@ -32,19 +34,6 @@ def lr_tag(lr: float) -> str:
     return f"{lr:.0e}"
 
 
-def _run(base, out, cfg, progress):
-    from minituner.finetune import run_finetune
-
-    callbacks = {}
-    if progress is not None:
-        callbacks = {"on_start": progress.start, "on_step": progress.on_step}
-    try:
-        return run_finetune(base, out, cfg, overwrite=True, **callbacks)
-    finally:
-        if progress is not None:
-            progress.close()
-
-
 def _copy_run(source: Path, target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
@@ -52,15 +41,25 @@ def _copy_run(source: Path, target: Path) -> None:
 
 
 def lr_search(base, out: Path, cfg, method: str, grid, progress=None, on_run=None) -> dict:
-    """One run per learning rate; the lowest best validation loss wins."""
+    """One run per learning rate; the lowest best validation loss wins. A learning rate whose
+    loss diverges (NaN/inf) is recorded with ``best_val_loss`` None and a note, not chosen."""
     runs = {}
     for lr in grid:
         name = f"lrsearch/{method}-lr{lr_tag(lr)}"
-        results = _run(base, out / name, dataclasses.replace(cfg, method=method, lr=lr), progress)
+        run_cfg = dataclasses.replace(cfg, method=method, lr=lr)
+        try:
+            results = run_with_progress(base, out / name, run_cfg, progress, overwrite=True)
+        except NonFiniteLossError as exc:
+            runs[lr_tag(lr)] = {"lr": lr, "run": name, "best_val_loss": None,
+                                "note": f"diverged: {exc}"}
+            continue
         runs[lr_tag(lr)] = {"lr": lr, "run": name, "best_val_loss": results["best_val_loss"]}
         if on_run is not None:
             on_run(name, results)
     finite = [r for r in runs.values() if r["best_val_loss"] is not None]
+    if not finite:
+        raise ValueError(f"learning-rate search for {method}: the loss diverged at every "
+                         f"learning rate of the grid {list(grid)}; try lower ones (--lr-grid)")
     chosen = min(finite, key=lambda r: r["best_val_loss"])
     return {"runs": runs, "chosen_lr": chosen["lr"], "chosen_run": chosen["run"],
             "rule": "lowest best validation loss (irregular SFT validation frames)"}
@@ -94,15 +93,17 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
     ablation = {"both": "lora-r8"}
     for name, (replay, kl, replay_nll) in ABLATION.items():
         variant = dataclasses.replace(chosen, replay=replay, kl=kl, replay_nll=replay_nll)
-        results = _run(base, out / "ablation" / name, variant, progress)
+        results = run_with_progress(base, out / "ablation" / name, variant, progress,
+                                    overwrite=True)
         ablation[name] = f"ablation/{name}"
         if on_run is not None:
             on_run(f"ablation/{name}", results)
     seeds = {str(chosen.seed): "lora-r8"}
     for seed in repeat_seeds:
         if seed != chosen.seed:
-            results = _run(base, out / "seeds" / f"seed{seed}",
-                           dataclasses.replace(chosen, seed=seed), progress)
+            results = run_with_progress(base, out / "seeds" / f"seed{seed}",
+                                        dataclasses.replace(chosen, seed=seed), progress,
+                                        overwrite=True)
             seeds[str(seed)] = f"seeds/seed{seed}"
             if on_run is not None:
                 on_run(f"seeds/seed{seed}", results)
@@ -110,7 +111,7 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
                       on_run=None, progress=progress)
     qlora_cfg = dataclasses.replace(chosen, method="qlora", steps=None, epochs=qlora_epochs,
                                     batch_size=qlora_batch_size)
-    results = _run(base, out / "qlora-r8", qlora_cfg, progress)
+    results = run_with_progress(base, out / "qlora-r8", qlora_cfg, progress, overwrite=True)
     if on_run is not None:
         on_run("qlora-r8", results)
     experiment = {

@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -30,94 +31,17 @@ from minituner.evaluate import (
     load_builtin_probes,
 )
 from minituner.files import atomic_write_json, peak_rss_bytes, run_manifest, sha256_json
+from minituner.finetune_config import DEFAULT_STEPS, METHODS, FinetuneConfig
 from minituner.objectives import make_loss_fn, make_validator, token_kl
 from minituner.runs import load_model, prepare_run_dir
 
-__all__ = ["DEFAULT_STEPS", "METHODS", "FinetuneConfig", "FinetuneData", "build_trainable",
-           "control_records", "load_base", "make_loss_fn", "make_validator", "prepare_data",
-           "run_config", "run_finetune", "token_kl", "total_steps"]
+__all__ = ["DEFAULT_STEPS", "METHODS", "FinetuneConfig", "FinetuneData", "ProgressSink",
+           "build_trainable", "control_records", "load_base", "make_loss_fn", "make_validator",
+           "prepare_data", "run_config", "run_finetune", "run_with_progress", "token_kl",
+           "total_steps"]
 
-METHODS = ("lora", "qlora", "full")
-DEFAULT_STEPS = 600
 PEAK_RSS_NOTE = ("peak resident memory of the whole process so far (ru_maxrss): Python, torch "
                  "and every import included, and every earlier run in the same process")
-
-
-@dataclass
-class FinetuneConfig:
-    """Every setting of a fine-tuning run (the CLI flags, a --config file, or code)."""
-
-    method: str = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-2
-    warmup: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    replay: float = 0.5
-    kl: float = 3.0
-    replay_nll: float = 1.0  # weight of the next-token loss on replay rows (0: KL only)
-    eval_every: int = 25
-    checkpoint_every: int = 50
-    seed: int = 0
-    quant_scheme: str = "nf4_per_group_64"
-    targets: list | None = None  # module-name suffixes; None = all 12 Linears
-    dropout: float = 0.2  # LoRA dropout on the adapter's input (LoRA/QLoRA only)
-    train_data: str | None = None
-    val_data: str | None = None
-
-    def validate(self) -> FinetuneConfig:
-        """Raise a one-line ValueError naming the first bad setting; returns self."""
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {list(METHODS)}, got {self.method!r}")
-        checks = [
-            ("rank", isinstance(self.rank, int) and self.rank >= 0, "a non-negative int"),
-            ("alpha", self.alpha > 0, "positive"),
-            ("batch_size", self.batch_size >= 1, "a positive int"),
-            ("grad_accum", self.grad_accum >= 1, "a positive int"),
-            ("lr", self.lr > 0, "positive"),
-            ("warmup", 0 <= self.warmup < 1, "a fraction in [0, 1)"),
-            ("replay", 0 <= self.replay < 1, "a fraction in [0, 1)"),
-            ("kl", self.kl >= 0, "non-negative"),
-            ("dropout", 0 <= self.dropout < 1, "a fraction in [0, 1)"),
-            ("replay_nll", self.replay_nll >= 0, "non-negative"),
-            ("eval_every", self.eval_every >= 1, "a positive int"),
-            ("checkpoint_every", self.checkpoint_every >= 1, "a positive int"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} must be {what}, "
-                                 f"got {getattr(self, name)!r}")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give --steps or --epochs, not both")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps must be a positive int, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"--epochs must be positive, got {self.epochs}")
-        if self.kl > 0 and self.replay == 0:
-            raise ValueError("--kl needs replay rows to act on: set --replay > 0 or --kl 0")
-        return self
-
-    @property
-    def replay_rows(self) -> int:
-        """Rows of each micro-batch drawn from the base corpus."""
-        return int(round(self.batch_size * self.replay))
-
-    def to_dict(self) -> dict:
-        """Plain dict, for config.json."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> FinetuneConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"finetune config: unknown key(s) {unknown}")
-        return cls(**values)
 
 
 @dataclass
@@ -277,16 +201,12 @@ def run_finetune(base_dir, out_dir, cfg: FinetuneConfig, resume: bool = False,
     config = run_config(base_dir, model, cfg, sha256_json(
         {"sft": prepared.sft, "control": prepared.control, "replay": len(prepared.replay)}))
     checkpoint = _resume_state(out, config) if resume else None
-    writer = RunWriter(out, enabled=writer_enabled)
-    if checkpoint is None:
-        writer.write(prepare_run_dir, out, config, overwrite)
-        writer.write(_clear_checkpoints, out)
-    writer.write(atomic_write_json, out / "config.json", config)
-    writer.write(_write_data, out, prepared)
     probes = load_builtin_probes()
     before = evaluate_model(model, tokenizer, probes, prepared.control_texts)
     before["control_ppl_by_tense"] = ppl_by_tense(model, tokenizer, prepared.control)
     seed_everything(cfg.seed)
+    # Everything that can still reject a setting (--targets, rank 0, the batch split) runs
+    # before the run folder is created or an old one is wiped.
     model, reference = build_trainable(model, cfg)
     from minituner.sampling import MixedBatches
 
@@ -296,6 +216,12 @@ def run_finetune(base_dir, out_dir, cfg: FinetuneConfig, resume: bool = False,
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, steps, int(cfg.warmup * steps))
     loss_fn = make_loss_fn(reference, cfg.kl, cfg.replay_nll)
+    writer = RunWriter(out, enabled=writer_enabled)
+    if checkpoint is None:
+        writer.write(prepare_run_dir, out, config, overwrite)
+        writer.write(_clear_checkpoints, out)
+    writer.write(atomic_write_json, out / "config.json", config)
+    writer.write(_write_data, out, prepared)
     if on_start is not None:
         on_start(steps)
     loop = LoopConfig(steps=steps, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
@@ -330,6 +256,31 @@ def run_finetune(base_dir, out_dir, cfg: FinetuneConfig, resume: bool = False,
     results["peak_rss_bytes"] = peak_rss_bytes()
     writer.write(atomic_write_json, out / "results.json", results)
     return results
+
+
+class ProgressSink(Protocol):
+    """What :func:`run_with_progress` reports to (the CLI's tqdm ``Progress``)."""
+
+    def start(self, total: int) -> None: ...
+
+    def on_step(self, record: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_with_progress(base_dir: str | Path, out_dir: str | Path, cfg: FinetuneConfig,
+                      progress: ProgressSink | None = None, *, resume: bool = False,
+                      overwrite: bool = False) -> dict:
+    """:func:`run_finetune` reporting to ``progress`` (closed when the run ends or fails)."""
+    callbacks = {}
+    if progress is not None:
+        callbacks = {"on_start": progress.start, "on_step": progress.on_step}
+    try:
+        return run_finetune(base_dir, out_dir, cfg, resume=resume, overwrite=overwrite,
+                            **callbacks)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def _resume_state(out: Path, config: dict) -> dict | None:

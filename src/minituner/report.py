@@ -208,8 +208,9 @@ def experiment_sections(exp_dir: Path, rel) -> list:
     for method, search in exp["lr_search"].items():
         for entry in sorted(search["runs"].values(), key=lambda e: e["lr"]):
             chosen = "yes" if entry["lr"] == search["chosen_lr"] else ""
-            lines.append(f"| {method} | {entry['lr']:g} | {entry['best_val_loss']:.4f} | "
-                         f"{chosen} |")
+            loss = entry["best_val_loss"]
+            shown = "diverged" if loss is None else f"{loss:.4f}"
+            lines.append(f"| {method} | {entry['lr']:g} | {shown} | {chosen} |")
     lines += ["", f"Rule: {next(iter(exp['lr_search'].values()))['rule']}.", "",
               "### Forgetting: LoRA r = 8 vs full fine-tuning", "",
               "| method | lr | trainable params | irregular acc | regular acc | "

@@ -57,7 +57,7 @@ def run_sweep(base_dir, out_dir, ranks, cfg, on_run=None, progress=None) -> dict
     """Fine-tune one LoRA (or QLoRA) run per rank into ``out_dir/r<rank>``; write sweep.json
     and sweep.png. ``on_run(rank, point)`` reports each finished rank; ``progress`` (optional)
     is an object with ``start(total)``, ``on_step(record)`` and ``close()``."""
-    from minituner.finetune import run_finetune
+    from minituner.finetune import run_with_progress
     from minituner.plots import plot_sweep
 
     started = time.perf_counter()
@@ -68,15 +68,8 @@ def run_sweep(base_dir, out_dir, ranks, cfg, on_run=None, progress=None) -> dict
             point = base_point(base_dir)
         else:
             run_cfg = dataclasses.replace(cfg, rank=rank)
-            callbacks = {}
-            if progress is not None:
-                callbacks = {"on_start": progress.start, "on_step": progress.on_step}
-            try:
-                results = run_finetune(base_dir, out / f"r{rank}", run_cfg, overwrite=True,
-                                       **callbacks)
-            finally:
-                if progress is not None:
-                    progress.close()
+            results = run_with_progress(base_dir, out / f"r{rank}", run_cfg, progress,
+                                        overwrite=True)
             point = {"rank": rank, "irregular_accuracy": results["irregular_accuracy_tuned"],
                      "regular_accuracy": results["regular_accuracy_tuned"],
                      "control_ppl": results["control_ppl_tuned"],

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from minituner.cli.trainflags import one_line_errors
-
 
 def register(subparsers) -> None:
     """Add the ``eval`` subcommand."""
@@ -30,7 +28,6 @@ def register(subparsers) -> None:
     from minituner.cli.hf_commands import add_hf_inference_flags
 
     add_hf_inference_flags(parser)  # --device (and --adapter) for --model hf:DIR
-    one_line_errors(parser)
     parser.set_defaults(func=run)
 
 
@@ -41,7 +38,8 @@ def evaluate_args(args) -> dict:
     from minituner.evaluate import builtin_path, evaluate_model, load_builtin_probes, load_probes
 
     probes = load_probes(args.probes) if args.probes else load_builtin_probes()
-    control = read_jsonl(args.control or builtin_path("control_set"))
+    control_file = args.control or builtin_path("control_set")
+    texts = control_texts(read_jsonl(control_file), str(control_file))
     if str(args.model).startswith("hf:"):
         from minituner.cli.hf_commands import load_hf_for_inference
 
@@ -50,7 +48,7 @@ def evaluate_args(args) -> dict:
         from minituner.loading import load_run
 
         model, tokenizer, _ = load_run(args.model, args.adapter)
-    return evaluate_model(model, tokenizer, probes, control_texts(control))
+    return evaluate_model(model, tokenizer, probes, texts)
 
 
 def run(args) -> int:
