@@ -158,3 +158,110 @@ def test_user_training_file(tiny_base_run, tmp_path, capsys):
     kept = [json.loads(line) for name in ("train", "validation", "test")
             for line in (out / "data" / f"sft_{name}.jsonl").read_text().splitlines()]
     assert len(kept) == 30 and all(r["completion"] == "went" for r in kept)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("lr: abc\n", "'lr' must be a number, got 'abc'"),
+    ("batch_size: \"8\"\n", "'batch_size' must be an integer, got '8'"),
+    ("kl: true\n", "'kl' must be a number, got True"),
+    ("steps: 2.5\n", "'steps' must be an integer or null, got 2.5"),
+    ("targets: attn\n", "'targets' must be a list of strings or null, got 'attn'"),
+])
+def test_config_file_values_are_type_checked(tiny_base_run, tmp_path, capsys, line, message):
+    config = tmp_path / "ft.yaml"
+    config.write_text(line)
+    out = tmp_path / "run"
+    assert main(["finetune", "--base", str(tiny_base_run), "--config", str(config),
+                 "--out", str(out)]) == 1
+    err = one_line_error(capsys)
+    assert message in err and "ft.yaml" in err
+    assert not out.exists()
+
+
+def test_config_types_in_the_library():
+    from minituner.finetune import FinetuneConfig
+
+    assert FinetuneConfig.from_dict({"alpha": 16, "lr": 1}).validate().alpha == 16  # int ok
+    with pytest.raises(ValueError, match="finetune config: 'rank' must be an integer"):
+        FinetuneConfig.from_dict({"rank": True})
+    with pytest.raises(ValueError, match="'method' must be a string"):
+        FinetuneConfig(method=3).validate()
+
+
+def test_bad_settings_leave_no_run_folder_and_keep_an_old_one(lora_run, tiny_base_run, tmp_path,
+                                                              capsys):
+    fresh = tmp_path / "fresh"
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(fresh), "--targets",
+                 "bogus", *TINY]) == 1
+    assert "bogus" in one_line_error(capsys) and not fresh.exists()
+    old = tmp_path / "old"
+    shutil.copytree(lora_run, old)
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(old), "--overwrite",
+                 "--targets", "bogus", *TINY]) == 1
+    one_line_error(capsys)
+    assert (old / "results.json").is_file() and (old / "adapter").is_dir()
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(old), "--overwrite",
+                 "--rank", "0", *TINY]) == 1
+    assert "nothing is trainable" in one_line_error(capsys)
+    assert (old / "results.json").is_file()
+
+
+def test_batch_split_is_checked_before_anything_runs(tiny_base_run, tmp_path, capsys):
+    out = tmp_path / "x"
+    base = ["finetune", "--base", str(tiny_base_run), "--out", str(out)]
+    assert main([*base, "--batch-size", "2", "--replay", "0.9"]) == 1
+    err = one_line_error(capsys)
+    assert "--batch-size 2 with --replay 0.9 leaves no fine-tuning rows" in err
+    assert main([*base, "--batch-size", "1", "--replay", "0.3"]) == 1  # kl 3 by default
+    assert "--kl needs replay rows" in one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["count", "--rank", "-1"], "--rank"),
+    (["memory", "--batch", "0"], "--batch"),
+    (["experiment", "--out", "x", "--qlora-epochs", "0"], "--qlora-epochs"),
+    (["experiment", "--out", "x", "--qlora-batch-size", "-2"], "--qlora-batch-size"),
+    (["quiz", "bogus-subcommand"], "invalid choice"),
+    (["quiz", "take", "--lang", "fr"], "--lang"),  # a nested subcommand
+])
+def test_usage_errors_are_one_line_in_every_subcommand(argv, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and flag in one_line_error(capsys)
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from minituner.cli import build_parser; p = build_parser(); "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_run_with_progress_closes_the_bar_when_the_run_fails(monkeypatch):
+    from minituner import finetune
+
+    events = []
+
+    class Bar:
+        def start(self, total):
+            events.append(("start", total))
+
+        def on_step(self, record):
+            events.append("step")
+
+        def close(self):
+            events.append("close")
+
+    def failing(base, out, cfg, resume, overwrite, on_start, on_step):
+        on_start(3)
+        on_step({})
+        raise ValueError("boom")
+
+    monkeypatch.setattr(finetune, "run_finetune", failing)
+    with pytest.raises(ValueError, match="boom"):
+        finetune.run_with_progress("base", "out", finetune.FinetuneConfig(), Bar())
+    assert events == [("start", 3), "step", "close"]

@@ -3,7 +3,7 @@
 Each subcommand lives in its own module of this package and exposes ``register(subparsers)``,
 which adds its parser and sets ``func`` to a handler taking the parsed args and returning an exit
 code. Library errors (ValueError, OSError) become a one-line message and exit status 1;
-argparse's usage errors exit 2.
+argparse's usage errors are one line too (every subcommand's, applied here) and exit 2.
 """
 
 from __future__ import annotations
@@ -39,7 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"minituner.cli.{name}")
         module.register(subparsers)
+    _one_line_errors_everywhere(parser)
     return parser
+
+
+def _one_line_errors_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Usage errors of the parser and every (nested) subcommand become one stderr line."""
+    from minituner.cli.trainflags import one_line_errors
+
+    one_line_errors(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in set(action.choices.values()):
+                _one_line_errors_everywhere(subparser)
 
 
 def main(argv: list | None = None) -> int:

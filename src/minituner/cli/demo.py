@@ -31,7 +31,7 @@ def run(args) -> int:
     from minituner.cli.finetune import print_headline
     from minituner.cli.pretrain import pretrain_config_from_args, pretrain_with_progress
     from minituner.cli.trainflags import Progress, apply_threads
-    from minituner.finetune import FinetuneConfig, run_finetune
+    from minituner.finetune import FinetuneConfig, run_with_progress
     from minituner.report import write_report
 
     started = time.perf_counter()
@@ -48,12 +48,8 @@ def run(args) -> int:
     }
     results = {}
     for name, run_cfg in runs.items():
-        progress = Progress(name)
-        try:
-            results[name] = run_finetune(out / "base", out / name, run_cfg, overwrite=True,
-                                         on_step=progress.on_step, on_start=progress.start)
-        finally:
-            progress.close()
+        results[name] = run_with_progress(out / "base", out / name, run_cfg, Progress(name),
+                                          overwrite=True)
         print(f"{name}: ", end="")
         print_headline(results[name], str(out / name))
     diff = results["qlora-r8"]["qlora"]["logit_difference"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shlex
 
+from minituner.cli.common import positive_float, positive_int
 from minituner.cli.trainflags import (
     Progress,
     add_training_flags,
     apply_threads,
     config_from_args,
-    one_line_errors,
 )
 
 
@@ -31,9 +31,9 @@ def register(subparsers) -> None:
                         help="learning rates searched for LoRA and full FT (default "
                              "1e-3,3e-3,1e-2)")
     parser.add_argument("--ranks", default="0,2,4,8,16,32", help="rank sweep ranks")
-    parser.add_argument("--qlora-epochs", type=float, default=1.0,
+    parser.add_argument("--qlora-epochs", type=positive_float, default=1.0,
                         help="epochs of the QLoRA run (default 1)")
-    parser.add_argument("--qlora-batch-size", type=int, default=8,
+    parser.add_argument("--qlora-batch-size", type=positive_int, default=8,
                         help="batch size of the QLoRA run (default 8: more updates in its one "
                              "epoch)")
     parser.add_argument("--repeat-seeds", default="1,2",
@@ -41,7 +41,6 @@ def register(subparsers) -> None:
     parser.add_argument("--results-json", default=None, metavar="PATH",
                         help="also write the quiz's results file here "
                              "(docs/results/phase-28.json)")
-    one_line_errors(parser)
     parser.set_defaults(func=run)
 
 

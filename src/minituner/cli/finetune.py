@@ -8,7 +8,6 @@ from minituner.cli.trainflags import (
     add_training_flags,
     apply_threads,
     config_from_args,
-    one_line_errors,
 )
 
 
@@ -31,7 +30,6 @@ def register(subparsers) -> None:
     from minituner.cli.hf_commands import add_hf_finetune_flags
 
     add_hf_finetune_flags(parser)  # --model hf:DIR --data FILE ... (transformers models)
-    one_line_errors(parser)
     parser.set_defaults(func=run)
 
 
@@ -49,7 +47,7 @@ def print_headline(results: dict, out: str) -> None:
 
 def run(args) -> int:
     """Train, evaluate and write the run folder; print the headline numbers."""
-    from minituner.finetune import run_finetune
+    from minituner.finetune import run_with_progress
 
     if getattr(args, "model", None):  # a transformers model: hf:DIR
         from minituner.cli.hf_commands import run_hf_finetune_command
@@ -58,12 +56,8 @@ def run(args) -> int:
     apply_threads(args)
     cfg = config_from_args(args)
     progress = Progress(f"{cfg.method} r={cfg.rank}" if cfg.method != "full" else "full")
-    try:
-        results = run_finetune(args.base, args.out, cfg, resume=args.resume,
-                               overwrite=args.overwrite, on_step=progress.on_step,
-                               on_start=progress.start)
-    finally:
-        progress.close()
+    results = run_with_progress(args.base, args.out, cfg, progress, resume=args.resume,
+                                overwrite=args.overwrite)
     print_headline(results, args.out)
     if "qlora" in results:
         diff = results["qlora"]["logit_difference"]

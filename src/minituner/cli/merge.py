@@ -8,8 +8,6 @@ logits are from the unmerged adapter model's.
 
 from __future__ import annotations
 
-from minituner.cli.trainflags import one_line_errors
-
 
 def register(subparsers) -> None:
     """Add the ``merge`` subcommand."""
@@ -30,7 +28,6 @@ def register(subparsers) -> None:
     from minituner.cli.hf_commands import add_hf_merge_flags
 
     add_hf_merge_flags(parser)  # --device for transformers models
-    one_line_errors(parser)
     parser.set_defaults(func=run)
 
 

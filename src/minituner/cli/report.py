@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from minituner.cli.trainflags import one_line_errors
-
 
 def register(subparsers) -> None:
     """Add the ``report`` subcommand."""
@@ -20,7 +18,6 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None,
                         help="report path (default: REPORT.md in the folders' common parent "
                              "folder, or in the folder itself when only one is given)")
-    one_line_errors(parser)
     parser.set_defaults(func=run)
 
 

@@ -8,7 +8,6 @@ from minituner.cli.trainflags import (
     add_training_flags,
     apply_threads,
     config_from_args,
-    one_line_errors,
 )
 
 
@@ -27,7 +26,6 @@ def register(subparsers) -> None:
     add_training_flags(parser, method=False)
     parser.add_argument("--base", default=DEFAULT_BASE, help=f"base run (default {DEFAULT_BASE})")
     parser.add_argument("--out", required=True, help="sweep folder to write")
-    one_line_errors(parser)
     parser.set_defaults(func=run)
 
 

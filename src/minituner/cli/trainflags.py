@@ -18,7 +18,7 @@ from minituner.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from minituner.finetune import FinetuneConfig
+    from minituner.finetune_config import FinetuneConfig
 
 DEFAULT_BASE = "runs/demo/base"
 
@@ -36,7 +36,7 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def finetune_defaults() -> dict:
     """Flag defaults = FinetuneConfig's defaults."""
-    from minituner.finetune import FinetuneConfig
+    from minituner.finetune_config import FinetuneConfig
 
     return FinetuneConfig().to_dict()
 
@@ -44,6 +44,8 @@ def finetune_defaults() -> dict:
 def add_training_flags(parser: argparse.ArgumentParser, method: bool = True) -> None:
     """--method --rank --alpha --steps/--epochs --batch-size ... --config --out (defaults None:
     unset flags fall back to the config file, then to FinetuneConfig's defaults)."""
+    from minituner.finetune_config import DEFAULT_STEPS
+
     d = finetune_defaults()
     if method:
         parser.add_argument("--method", default=None, metavar="{lora,qlora,full}",
@@ -54,7 +56,7 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True) -> 
                         help=f"LoRA alpha; scaling = alpha / r (default {d['alpha']:g})")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, default=None,
-                        help="optimizer steps (default 600)")
+                        help=f"optimizer steps (default {DEFAULT_STEPS})")
     length.add_argument("--epochs", type=positive_float, default=None,
                         help="passes over the SFT training examples instead of --steps")
     parser.add_argument("--batch-size", type=positive_int, default=None,
@@ -94,11 +96,14 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True) -> 
 
 def config_from_args(args, **overrides) -> FinetuneConfig:
     """FinetuneConfig from defaults < --config file < explicit flags < ``overrides``."""
-    from minituner.finetune import FinetuneConfig
+    from minituner.finetune_config import FinetuneConfig, check_types
 
     defaults = finetune_defaults()
     flag_defaults = {key: None for key in defaults}
-    merged = merge_config(args, flag_defaults, load_config_file(getattr(args, "config", None)))
+    config_path = getattr(args, "config", None)
+    from_file = load_config_file(config_path)
+    merged = merge_config(args, flag_defaults, from_file)
+    check_types(from_file, f"config file {config_path}")
     values = {key: (defaults[key] if merged.get(key) is None else merged[key]) for key in defaults}
     for flag, other in (("steps", "epochs"), ("epochs", "steps")):
         if getattr(args, flag, None) is not None:  # a flag beats the config file's other length
