@@ -17,9 +17,9 @@ largest tensor.
 The gradients are computed in the forward only when an input needs one (training); under
 ``torch.no_grad`` this is a memory-light loss.
 
-For transformers models, :func:`masked_lm_nll` (what fine-tuning runs) calls the model for its
-final hidden states with ``logits_to_keep=1`` and scores them here; :func:`causal_lm_loss` is
-the same with the usual next-token shift and mean.
+For transformers models, :func:`masked_lm_nll` (what fine-tuning runs) takes the final hidden
+states from the model's body (through the DDP wrapper when there is one) and scores them here;
+:func:`causal_lm_loss` is the same with the usual next-token shift and mean.
 """
 
 from __future__ import annotations
@@ -154,15 +154,22 @@ def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Te
                   mask: torch.Tensor, chunk_size: int | None = None) -> tuple:
     """(summed NLL over the masked targets, their count), the LM head run chunked.
 
-    ``forward_model`` (the model, or its DDP wrapper, so DDP sees the forward) returns the final
-    hidden states and the logits of one position only; position t is scored against
+    ``forward_model`` is the model (its body is called: on CPU, transformers' bf16 head on one
+    kept position copies the whole head weight, about 0.5 s a GPT-2 step) or its DDP wrapper
+    (called with ``logits_to_keep=1``, so DDP sees the forward); position t is scored against
     ``targets[:, t]`` where ``mask`` is set. Equal to ``masked_token_nll(logits, targets, mask)``
     up to float summation order, without the (tokens, vocab) logits in memory.
     """
-    out = forward_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                        output_hidden_states=True, logits_to_keep=1)
+    body = getattr(forward_model, getattr(forward_model, "base_model_prefix", ""), None)
+    if isinstance(body, nn.Module):  # not wrapped: the body alone, no LM head call at all
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+    else:  # a DDP wrapper must see the forward; the head then scores one position only
+        hidden = forward_model(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False, output_hidden_states=True,
+                               logits_to_keep=1).hidden_states[-1]
     labels = torch.where(mask.bool(), targets, -100)
-    total = chunked_lm_loss(out.hidden_states[-1], head.weight, labels, head.bias,
+    total = chunked_lm_loss(hidden, head.weight, labels, head.bias,
                             chunk_size=chunk_size, reduction="sum")
     return total, mask.sum()
 
