@@ -76,6 +76,9 @@ def test_hf_config_reading_and_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ValueError, match="t5"):
         spec_from_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        spec_from_hf_config(tmp_path)
     with pytest.raises(ValueError, match="unknown model"):
         model_spec("gpt5")
 

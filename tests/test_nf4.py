@@ -421,6 +421,23 @@ def test_state_dict_prefix_and_errors():
         NF4Weight.from_bnb_state_dict(short, "blocks.0.fc.")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("shape", 5, "'shape' must be a list of positive ints"),
+    ("shape", ["a", 64], "'shape' must be a list of positive ints"),
+    ("nested_offset", [1], "'nested_offset' must be a number"),
+    ("nested_offset", None, "'nested_offset' must be a number"),
+    ("nested_blocksize", "x", "'nested_blocksize' must be an int"),
+])
+def test_malformed_quant_state_fields_are_named(field, value, message):
+    sd = quantize_nf4(weights((32, 64), seed=13)).to_bnb_state_dict("fc.")
+    key = "fc." + QUANT_STATE_KEY
+    meta = json.loads(bytes(sd[key].tolist()).decode())
+    meta[field] = value
+    sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=message):
+        NF4Weight.from_bnb_state_dict(sd, "fc.")
+
+
 # ----------------------------------------------------------------------------- files
 
 

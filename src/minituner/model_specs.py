@@ -147,6 +147,8 @@ def spec_from_hf_config(directory) -> ModelSpec:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must be a JSON object")
     model_type = config.get("model_type")
     name = f"hf:{directory}"
     if model_type == "gpt2":

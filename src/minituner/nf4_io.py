@@ -72,9 +72,23 @@ def _tensor(state_dict: Mapping, key: str) -> torch.Tensor:
     return value
 
 
+def _meta_field(meta: dict, key: str, kind, where: str, default=None):
+    """``meta[key]`` as ``kind`` (int or float), or a ValueError naming the field."""
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        what = "a number" if kind is float else "an int"
+        raise ValueError(f"{where}: field {key!r} must be {what}, got {value!r}")
+    return kind(value)
+
+
 def from_bnb_state_dict(state_dict: Mapping, prefix: str = "") -> NF4Weight:
     """An :class:`NF4Weight` from the entries a ``bnb.nn.Linear4bit`` state dict holds."""
     meta = _read_meta(state_dict, prefix)
+    where = f"{prefix}{QUANT_STATE_KEY}"
+    shape = meta.get("shape")
+    if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"{where}: field 'shape' must be a list of positive ints, got {shape!r}")
     dtype = getattr(torch, str(meta["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{prefix}{QUANT_STATE_KEY}: unknown dtype {meta['dtype']!r}")
@@ -82,7 +96,7 @@ def from_bnb_state_dict(state_dict: Mapping, prefix: str = "") -> NF4Weight:
         "packed": _tensor(state_dict, prefix + "weight").reshape(-1),
         "absmax": _tensor(state_dict, prefix + "weight.absmax"),
         "code": _tensor(state_dict, prefix + "weight.quant_map").float(),
-        "shape": tuple(meta["shape"]),
+        "shape": tuple(shape),
         "dtype": check_dtype(dtype),
         "blocksize": check_blocksize(meta["blocksize"]),
     }
@@ -92,11 +106,9 @@ def from_bnb_state_dict(state_dict: Mapping, prefix: str = "") -> NF4Weight:
         fields.update(
             nested_absmax=_tensor(state_dict, prefix + "weight.nested_absmax").float(),
             nested_code=_tensor(state_dict, prefix + "weight.nested_quant_map").float(),
-            offset=float(meta.get("nested_offset", "nan")),
-            nested_blocksize=int(meta.get("nested_blocksize", 256)),
+            offset=_meta_field(meta, "nested_offset", float, where),
+            nested_blocksize=_meta_field(meta, "nested_blocksize", int, where, 256),
         )
-        if fields["offset"] != fields["offset"]:
-            raise ValueError(f"{prefix}{QUANT_STATE_KEY}: nested_offset missing")
     return NF4Weight(**fields)
 
 
