@@ -57,7 +57,7 @@ def cpu_model() -> str:
 
 def machine_record() -> dict:
     """What the results depend on: CPU, core count, memory, Python and library versions."""
-    from minituner.files import package_versions
+    from minituner.util.files import package_versions
 
     try:
         with open("/proc/meminfo") as handle:
@@ -90,7 +90,7 @@ def write_results(path: Path, record: dict) -> None:
     """Write a result JSON atomically. Added where the record lacks them: ``command`` (the
     script and its arguments), ``load_average_after``; always: the machine record and a
     timestamp."""
-    from minituner.files import atomic_write_json
+    from minituner.util.files import atomic_write_json
 
     defaults = {"command": " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
                 "load_average_after": load_average()}

@@ -90,7 +90,7 @@ class GPT2Shape(nn.Module):
 def build(method: str, compute_dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     """A fresh model for "full", "lora" or "qlora" (r = 8, alpha 16 on TARGETS)."""
     from minituner.lora import apply_lora
-    from minituner.qlora import DequantBuffer, QuantizedLinear
+    from minituner.quant.qlora import DequantBuffer, QuantizedLinear
 
     torch.manual_seed(seed)
     factory = float_linear

@@ -34,7 +34,7 @@ def child(mode: str, directory: str) -> dict:
     import transformers
 
     from minituner.hf import load_hf_model
-    from minituner.hf_load import load_quantized_hf_model
+    from minituner.hf.load import load_quantized_hf_model
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         return 0
     if args.model and not Path(args.model).is_dir():
         raise SystemExit(f"hf_load.py: --model {args.model}: not a directory")
-    from minituner.hf_toy import write_toy_model
+    from minituner.hf.toy import write_toy_model
 
     load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,8 +39,8 @@ def warm_up() -> None:
     import torch
     import torch.nn.functional as F
 
-    from minituner.nf4 import quantize_nf4
-    from minituner.train import build_optimizer
+    from minituner.quant.nf4 import quantize_nf4
+    from minituner.training.loop import build_optimizer
 
     layer = torch.nn.Linear(64, 192)
     optimizer = build_optimizer(layer, lr=1e-3)
@@ -58,8 +58,8 @@ def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     import torch
     from gpt2_shape import build
 
-    from minituner.memory import plan_memory
-    from minituner.train import build_optimizer
+    from minituner.training.loop import build_optimizer
+    from minituner.training.memory import plan_memory
 
     torch.set_num_threads(threads)
     warm_up()

@@ -48,7 +48,7 @@ def base_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minituner.hf_toy import toy_config
+    from minituner.hf.toy import toy_config
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(toy_config("gpt2", "gpt2-small")).eval()
@@ -172,9 +172,9 @@ def qlora_merge(base, ours_float, tokens) -> dict:
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from minituner.hf_load import quantize_loaded_model
+    from minituner.hf.load import quantize_loaded_model
     from minituner.lora import apply_lora, load_lora_state_dict, lora_state_dict
-    from minituner.qlora import merge_quantized_lora
+    from minituner.quant.qlora import merge_quantized_lora
 
     state = lora_state_dict(ours_float)
     out, unmerged = {}, None

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from bench_common import load_average, median_spread, write_results
 
-from minituner.nf4 import dequantize_nf4, quantize_nf4
+from minituner.quant.nf4 import dequantize_nf4, quantize_nf4
 
 RESULTS = Path(__file__).resolve().parent / "results" / "nf4.json"
 REPEATS = 5

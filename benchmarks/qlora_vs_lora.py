@@ -40,8 +40,8 @@ def build_model(model: str, method: str):
 
         return build(method)
     from minituner.lora import wrap_minigpt_with_lora
-    from minituner.model import MiniGPT
-    from minituner.qlora import wrap_minigpt_qlora
+    from minituner.models.minigpt import MiniGPT
+    from minituner.quant.qlora import wrap_minigpt_qlora
 
     wrap = wrap_minigpt_qlora if method == "qlora" else wrap_minigpt_with_lora
     return wrap(MiniGPT(), r=8, alpha=16.0, seed=0)
@@ -49,7 +49,7 @@ def build_model(model: str, method: str):
 
 def weight_buckets(model) -> dict:
     """Bytes of trainable parameters, frozen float parameters, NF4 layers and other buffers."""
-    from minituner.qlora import QuantizedLinear
+    from minituner.quant.qlora import QuantizedLinear
 
     def size(t):
         return t.numel() * t.element_size()
@@ -69,8 +69,8 @@ def child(model_name: str, method: str, threads: int) -> dict:
     """Build and train one configuration; return its measurements."""
     import torch
 
-    from minituner.files import peak_rss_bytes
-    from minituner.train import build_optimizer
+    from minituner.training.loop import build_optimizer
+    from minituner.util.files import peak_rss_bytes
 
     torch.set_num_threads(threads)
     shape = SHAPES[model_name]

@@ -29,7 +29,7 @@ TITLES = {
 
 def _result(name: str) -> dict:
     """A benchmark's results JSON, or {} when it has not been run yet."""
-    from minituner.files import read_json
+    from minituner.util.files import read_json
 
     path = RESULTS / f"{name}.json"
     return read_json(path, f"{name} results") if path.is_file() else {}
@@ -99,6 +99,6 @@ def replace_section(text: str, generated: str) -> str:
 
 def update_readme(readme: Path, records: list) -> None:
     """Rewrite the generated part of ``readme`` (atomically) from the run records."""
-    from minituner.files import atomic_write_text
+    from minituner.util.files import atomic_write_text
 
     atomic_write_text(readme, replace_section(readme.read_text(), section(records)))

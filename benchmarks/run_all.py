@@ -75,7 +75,7 @@ def run(name: str, quick: bool) -> dict:
 
 def previous_records(path: Path) -> list:
     """The runs an earlier call recorded (kept for benchmarks this call does not rerun)."""
-    from minituner.files import read_json
+    from minituner.util.files import read_json
 
     if not path.is_file():
         return []
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--wait-for-quiet", type=float, default=0.0, metavar="SECONDS",
                         help=f"first wait up to SECONDS for a 1-min load below {QUIET_LOAD}")
     args = parser.parse_args(argv)
-    from minituner.files import atomic_write_text
+    from minituner.util.files import atomic_write_text
 
     waited = wait_for_quiet(args.wait_for_quiet) if args.wait_for_quiet > 0 else 0.0
     names = args.only or (list(BENCHMARKS) if args.full else DEFAULT)

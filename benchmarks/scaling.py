@@ -1,6 +1,6 @@
 """How step time and peak memory of full fine-tuning, LoRA and QLoRA grow with width and length.
 
-Model: Mini-GPT (minituner.model) with 4 layers, head width 64, d_ff = 4 d_model, a 2,048-token
+Model: Mini-GPT (minituner.models.minigpt), 4 layers, head width 64, d_ff = 4 d_model, a 2,048-token
 vocabulary and a tied head. Two sweeps:
 
 - width: d_model 64, 128, 256, 512, 1024 at batch 4 x 128 tokens;
@@ -65,8 +65,8 @@ def build(method: str, d_model: int, seq: int):
     import torch
 
     from minituner.lora import wrap_minigpt_with_lora
-    from minituner.model import MiniGPT, MiniGPTConfig
-    from minituner.qlora import wrap_minigpt_qlora
+    from minituner.models.minigpt import MiniGPT, MiniGPTConfig
+    from minituner.quant.qlora import wrap_minigpt_qlora
 
     torch.manual_seed(0)
     config = MiniGPTConfig(vocab_size=VOCAB, context_len=seq, d_model=d_model,
@@ -181,7 +181,7 @@ def plot(rows: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minituner.files import atomic_write
+    from minituner.util.files import atomic_write
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 8))
     panels = [("width", "d_model", TIME_KEY, "step CPU time (s)"),

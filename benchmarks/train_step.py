@@ -106,10 +106,10 @@ def prepare(directory: Path) -> dict:
     """Write the seeded GPT-2-small model and minituner's initial lora_A tensors."""
     import torch
 
-    from minituner.files import atomic_save_safetensors
     from minituner.hf import load_hf_model
-    from minituner.hf_toy import write_toy_model
+    from minituner.hf.toy import write_toy_model
     from minituner.lora import apply_lora
+    from minituner.util.files import atomic_save_safetensors
 
     _quiet()
     write_toy_model(directory / "model", "gpt2", "gpt2-small", seed=0, dropout=0.0)
@@ -131,10 +131,10 @@ def _batches(steps: int, device) -> list:
 
 
 def _load_minituner(cfg: dict, directory: Path, dtype, device):
-    from minituner.files import load_safetensors
     from minituner.hf import load_hf_model
-    from minituner.hf_load import load_quantized_hf_model
+    from minituner.hf.load import load_quantized_hf_model
     from minituner.lora import apply_lora, lora_layers
+    from minituner.util.files import load_safetensors
 
     if cfg["method"] == "qlora":
         model = load_quantized_hf_model(directory / "model", compute_dtype=dtype,
@@ -164,7 +164,7 @@ def _load_peft(cfg: dict, directory: Path, dtype, device):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from minituner.files import load_safetensors
+    from minituner.util.files import load_safetensors
 
     kwargs = {"dtype": dtype}
     if cfg["method"] == "qlora":
@@ -188,7 +188,7 @@ def _load_peft(cfg: dict, directory: Path, dtype, device):
 
 def _loss_fn(cfg: dict):
     if cfg["library"] == "minituner" and cfg["chunked_loss"]:
-        from minituner.lm_loss import causal_lm_loss
+        from minituner.training.losses import causal_lm_loss
 
         return lambda model, tokens: causal_lm_loss(model, tokens)
     return lambda model, tokens: model(input_ids=tokens, labels=tokens, use_cache=False).loss
@@ -236,7 +236,7 @@ def child(name: str, directory: Path, timed_steps: int, threads: int, device: st
     """Load, train and measure one configuration in this process."""
     import torch
 
-    from minituner.files import peak_rss_bytes
+    from minituner.util.files import peak_rss_bytes
 
     torch.set_num_threads(threads)
     _quiet()
@@ -461,7 +461,7 @@ def plot(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minituner.files import atomic_write
+    from minituner.util.files import atomic_write
 
     names = [n for n in rows if n in CONFIGS]
     colors = ["tab:blue" if rows[n]["library"] == "minituner" else

@@ -16,8 +16,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_base_run(tmp_path_factory):
     """A short pretraining run folder (few steps; for plumbing, not for accuracy)."""
-    from minituner.pretraining import run_pretraining
-    from minituner.train import PretrainConfig
+    from minituner.course.pretraining import run_pretraining
+    from minituner.training.loop import PretrainConfig
 
     out = tmp_path_factory.mktemp("runs") / "base"
     run_pretraining(out, PretrainConfig(steps=30, eval_every=15, batch_size=16, seed=0))
@@ -28,7 +28,7 @@ def tiny_base_run(tmp_path_factory):
 def toy_hf_model(tmp_path_factory):
     """toy_hf_model(arch="gpt2", seed=0) -> directory of a tiny random-init transformers model
     with the toy word-level tokenizer (written once per session per arguments)."""
-    from minituner.hf_toy import write_toy_model
+    from minituner.hf.toy import write_toy_model
 
     root = tmp_path_factory.mktemp("hf_models")
     made = {}

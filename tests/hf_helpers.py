@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import torch
 
+from minituner.hf.toy import WORDS
 from minituner.lora import lora_layers
 
 
@@ -25,3 +29,19 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     """Eval-mode logits of a transformers model (or a PEFT wrapper around one)."""
     model.eval()
     return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def write_data(path, n: int = 24, seed: int = 0):
+    """Prompt/completion lines of different lengths (so processes see different token counts)."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w.isalpha()][:60]
+    lines = []
+    for i in range(n):
+        if i % 6 == 5:
+            lines.append({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))})
+        else:
+            lines.append({"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 7))),
+                          "completion": " ".join(rng.choice(words)
+                                                 for _ in range(rng.randint(1, 5)))})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-_LAZY_EXPORTS = {"load_adapter": "minituner.adapters", "save_adapter": "minituner.adapters"}
+_ADAPTERS = "minituner.lora.adapters"
+_LAZY_EXPORTS = {"load_adapter": _ADAPTERS, "save_adapter": _ADAPTERS}
 
 
 def __getattr__(name: str):

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Write the corpus and print its counts."""
-    from minituner.pretraining import build_corpus
+    from minituner.course.pretraining import build_corpus
 
     manifest, tokenizer = build_corpus(args.out, seed=args.seed)
     print(json.dumps(manifest["counts"], sort_keys=True))

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     """Print the table (text or JSON) for a randomly initialised default Mini-GPT."""
     from minituner.lora import ALL_LINEAR, MINIGPT_TARGETS, lora_param_table
-    from minituner.model import MiniGPT, MiniGPTConfig
+    from minituner.models.minigpt import MiniGPT, MiniGPTConfig
 
     targets = list(args.targets or MINIGPT_TARGETS)
     if targets == [ALL_LINEAR]:

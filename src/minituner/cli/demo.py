@@ -31,8 +31,8 @@ def run(args) -> int:
     from minituner.cli.finetune import print_headline
     from minituner.cli.pretrain import pretrain_config_from_args, pretrain_with_progress
     from minituner.cli.trainflags import Progress, apply_threads
-    from minituner.finetune import FinetuneConfig, run_with_progress
-    from minituner.report import write_report
+    from minituner.course.finetune import FinetuneConfig, run_with_progress
+    from minituner.course.report import write_report
 
     started = time.perf_counter()
     apply_threads(args)

@@ -33,9 +33,14 @@ def register(subparsers) -> None:
 
 def evaluate_args(args) -> dict:
     """The evaluation dict for the parsed arguments (model, adapter, probes, control)."""
-    from minituner.corpus import read_jsonl
-    from minituner.data import control_texts
-    from minituner.evaluate import builtin_path, evaluate_model, load_builtin_probes, load_probes
+    from minituner.course.corpus import read_jsonl
+    from minituner.course.data import control_texts
+    from minituner.course.evaluate import (
+        builtin_path,
+        evaluate_model,
+        load_builtin_probes,
+        load_probes,
+    )
 
     probes = load_probes(args.probes) if args.probes else load_builtin_probes()
     control_file = args.control or builtin_path("control_set")
@@ -45,7 +50,7 @@ def evaluate_args(args) -> dict:
 
         model, tokenizer = load_hf_for_inference(args)
     else:
-        from minituner.loading import load_run
+        from minituner.course.loading import load_run
 
         model, tokenizer, _ = load_run(args.model, args.adapter)
     return evaluate_model(model, tokenizer, probes, texts)

@@ -87,8 +87,8 @@ def canonical_command(args) -> str:
 
 def run(args) -> int:
     """Run everything and print where the report and results went."""
-    from minituner.experiment import run_experiment
-    from minituner.sweep import parse_ranks
+    from minituner.course.experiment import run_experiment
+    from minituner.course.sweep import parse_ranks
 
     apply_threads(args)
     cfg = config_from_args(args, method="lora", rank=8)

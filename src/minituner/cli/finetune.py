@@ -47,7 +47,7 @@ def print_headline(results: dict, out: str) -> None:
 
 def run(args) -> int:
     """Train, evaluate and write the run folder; print the headline numbers."""
-    from minituner.finetune import run_with_progress
+    from minituner.course.finetune import run_with_progress
 
     if getattr(args, "model", None):  # a transformers model: hf:DIR
         from minituner.cli.hf_commands import run_hf_finetune_command

@@ -53,8 +53,8 @@ def generate_text(model, tokenizer, prompt: str, args) -> list:
 
 def run(args) -> int:
     """Print one line per sample."""
-    from minituner.hf import is_hf_spec
-    from minituner.loading import load_run
+    from minituner.course.loading import load_run
+    from minituner.hf.models import is_hf_spec
 
     if is_hf_spec(args.model):  # a transformers model directory (hf:DIR)
         from minituner.cli.hf_commands import load_hf_for_inference

@@ -56,7 +56,7 @@ def hf_finetune_config(args):
     from dataclasses import fields
 
     from minituner.cli.common import load_config_file
-    from minituner.hf_finetune import HFFinetuneConfig
+    from minituner.hf.finetune import HFFinetuneConfig
 
     values = load_config_file(getattr(args, "config", None))  # absent keys: class defaults
     for spec in fields(HFFinetuneConfig):
@@ -76,9 +76,9 @@ def hf_finetune_config(args):
 def run_hf_finetune_command(args) -> int:
     """Fine-tune with a progress bar on rank 0; print the settings first and the result last."""
     from minituner.cli.trainflags import Progress
-    from minituner.distributed import shutdown_distributed
-    from minituner.hf import dtype_name
-    from minituner.hf_finetune import run_hf_finetune
+    from minituner.hf.finetune import run_hf_finetune
+    from minituner.hf.models import dtype_name
+    from minituner.training.distributed import shutdown_distributed
 
     cfg = hf_finetune_config(args)
     progress = Progress(f"{cfg.method} r={cfg.rank}")
@@ -135,8 +135,8 @@ def add_hf_merge_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_hf_merge_command(args) -> int:
     """Merge and print the report's numbers."""
-    from minituner.hf import resolve_device
-    from minituner.hf_merge import merge_hf_adapter
+    from minituner.hf.merge import merge_hf_adapter
+    from minituner.hf.models import resolve_device
 
     if not args.adapter or not args.out:
         raise ValueError("merge of an hf: model needs --adapter DIR and --out DIR")
@@ -151,20 +151,20 @@ def run_hf_merge_command(args) -> int:
 
 def load_hf_for_inference(args):
     """(ModelView, TokenizerView) of --model hf:DIR, with --adapter applied when given."""
-    from minituner.hf import load_hf_tokenizer, resolve_device
-    from minituner.hf_load import load_base
-    from minituner.hf_merge import adapter_base_record
-    from minituner.hf_views import hf_views
+    from minituner.hf.load import load_base
+    from minituner.hf.merge import adapter_base_record
+    from minituner.hf.models import load_hf_tokenizer, resolve_device
+    from minituner.hf.views import hf_views
 
     device = resolve_device(getattr(args, "device", "cpu") or "cpu")
     adapter = getattr(args, "adapter", None)
     if adapter:
-        from minituner.adapters import load_adapter
+        from minituner.lora.adapters import load_adapter
 
         record = adapter_base_record(adapter, args.model)
         model = load_adapter(load_base(record, device=device, path=args.model), adapter)
     else:
-        from minituner.hf import load_hf_model
+        from minituner.hf.models import load_hf_model
 
         model = load_hf_model(args.model, device=device)
     return hf_views(model.eval(), load_hf_tokenizer(args.model))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from minituner.cli.common import nonneg_int, positive_int
-from minituner.memory import GB, GIB
+from minituner.training.memory import GB, GIB
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -98,7 +98,7 @@ def format_course_table(rows: list) -> str:
 
 def plan_from_args(args):
     """The MemoryPlan the flags ask for."""
-    from minituner.memory import plan_memory, qlora_paper_settings
+    from minituner.training.memory import plan_memory, qlora_paper_settings
 
     if args.qlora_paper:
         settings = qlora_paper_settings()
@@ -114,7 +114,7 @@ def plan_from_args(args):
 def run(args) -> int:
     """Print the plan (or the course table) as a table or JSON."""
     if args.course_table:
-        from minituner.memory import course_table
+        from minituner.training.memory import course_table
 
         rows = course_table()
         print(json.dumps(rows, indent=2) if args.json else format_course_table(rows))

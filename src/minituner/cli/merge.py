@@ -32,8 +32,8 @@ def register(subparsers) -> None:
 
 
 def _is_hf(args) -> bool:
-    from minituner.hf import is_hf_spec
-    from minituner.hf_merge import recorded_hf_base
+    from minituner.hf.merge import recorded_hf_base
+    from minituner.hf.models import is_hf_spec
 
     if args.model is not None:
         return is_hf_spec(args.model)
@@ -49,10 +49,10 @@ def merge_minigpt(args) -> dict:
     """Merge a Mini-GPT LoRA/QLoRA adapter and write a model run folder; returns the report."""
     import torch
 
-    from minituner.files import atomic_write_json
-    from minituner.loading import load_run
+    from minituner.course.loading import load_run
     from minituner.lora import merge_and_unload, merge_lora
-    from minituner.runs import prepare_run_dir, save_model, write_config
+    from minituner.training.runs import prepare_run_dir, save_model, write_config
+    from minituner.util.files import atomic_write_json
 
     if args.model is None:
         raise ValueError("--model: give the Mini-GPT run folder (or hf:DIR)")

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 def pretrain_config_from_args(args) -> object:
     """PretrainConfig from defaults < --config file < explicit flags."""
     from minituner.cli.common import merge_config
-    from minituner.train import PretrainConfig
+    from minituner.training.loop import PretrainConfig
 
     merged = merge_config(args, DEFAULTS, load_config_file(args.config))
     return PretrainConfig(
@@ -46,7 +46,7 @@ def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool =
     """Run pretraining with a tqdm progress bar showing the loss."""
     from tqdm import tqdm
 
-    from minituner.pretraining import run_pretraining
+    from minituner.course.pretraining import run_pretraining
 
     bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=0.5)
 

@@ -54,7 +54,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from minituner.quiz import default_quiz_path, load_quiz, repo_root
+    from minituner.quiz.schema import default_quiz_path, load_quiz, repo_root
 
     root = Path(args.root) if args.root else repo_root()
     path = Path(args.quiz) if args.quiz else default_quiz_path(root)
@@ -77,7 +77,7 @@ def run_validate(args) -> int:
 
 def run_render(args) -> int:
     """Write (or with --check, compare) the English and Spanish pages."""
-    from minituner.quizpage import stale_pages, write_pages
+    from minituner.quiz.page import stale_pages, write_pages
 
     root, quiz = _load(args)
     out_dir = Path(args.out_dir) if args.out_dir else root / "docs" / "quizzes"
@@ -96,7 +96,7 @@ def run_render(args) -> int:
 
 def run_take(args) -> int:
     """Ask the questions on this terminal (or from --answers) and print the score."""
-    from minituner.quiztake import load_answers, take_quiz
+    from minituner.quiz.take import load_answers, take_quiz
 
     _, quiz = _load(args)
     ids = _ids(args.ids)
@@ -114,7 +114,7 @@ def run_take(args) -> int:
 
 def run_check(args) -> int:
     """Run every check; print a table (or JSON); exit 1 on any failure."""
-    from minituner.quizverify import format_table, run_checks
+    from minituner.quiz.verify import format_table, run_checks
 
     root, quiz = _load(args)
     outcomes = run_checks(quiz, root, _ids(args.ids))

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Write the report and print its path."""
-    from minituner.report import write_report
+    from minituner.course.report import write_report
 
     for folder in args.folders:
         if not Path(folder).is_dir():

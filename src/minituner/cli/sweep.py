@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Run the sweep, printing one line per rank and the elbow."""
-    from minituner.sweep import parse_ranks, run_sweep
+    from minituner.course.sweep import parse_ranks, run_sweep
 
     apply_threads(args)
     ranks = parse_ranks(args.ranks)

@@ -18,7 +18,7 @@ from minituner.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from minituner.finetune_config import FinetuneConfig
+    from minituner.training.config import FinetuneConfig
 
 DEFAULT_BASE = "runs/demo/base"
 
@@ -36,7 +36,7 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def finetune_defaults() -> dict:
     """Flag defaults = FinetuneConfig's defaults."""
-    from minituner.finetune_config import FinetuneConfig
+    from minituner.training.config import FinetuneConfig
 
     return FinetuneConfig().to_dict()
 
@@ -44,7 +44,7 @@ def finetune_defaults() -> dict:
 def add_training_flags(parser: argparse.ArgumentParser, method: bool = True) -> None:
     """--method --rank --alpha --steps/--epochs --batch-size ... --config --out (defaults None:
     unset flags fall back to the config file, then to FinetuneConfig's defaults)."""
-    from minituner.finetune_config import DEFAULT_STEPS
+    from minituner.training.config import DEFAULT_STEPS
 
     d = finetune_defaults()
     if method:
@@ -96,7 +96,7 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True) -> 
 
 def config_from_args(args, **overrides) -> FinetuneConfig:
     """FinetuneConfig from defaults < --config file < explicit flags < ``overrides``."""
-    from minituner.finetune_config import FinetuneConfig, check_types
+    from minituner.training.config import FinetuneConfig, check_types
 
     defaults = finetune_defaults()
     flag_defaults = {key: None for key in defaults}

@@ -1,0 +1,80 @@
+"""Loading what a run folder holds for evaluation, generation and merging: a base or merged
+Mini-GPT, a full fine-tuning run, or a LoRA / QLoRA run (its base plus its adapter).
+
+An adapter is attached only to the base it was trained on: its recorded base fingerprint must
+match the float base or, for a QLoRA adapter, the same base quantized to NF4 (the scheme is
+read from the adapter's run folder, default nf4_per_group_64).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from minituner.training.runs import load_run_config
+from minituner.util.files import read_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _adapter_settings(adapter_dir: Path) -> dict:
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{adapter_dir}: not an adapter folder (no {ADAPTER_CONFIG})")
+    config = read_json(adapter_dir / ADAPTER_CONFIG, "adapter config")
+    section = config.get("minituner") or {}
+    run_config = adapter_dir.parent / "config.json"
+    scheme = "nf4_per_group_64"
+    if run_config.is_file():
+        scheme = (read_json(run_config).get("finetune") or {}).get("quant_scheme", scheme)
+    return {
+        "r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
+        "targets": section.get("target_modules_requested") or config.get("target_modules"),
+        "fingerprint": (section.get("base_fingerprint") or {}).get("value"),
+        "quant_scheme": scheme,
+    }
+
+
+def attach_adapter(model, adapter_dir) -> tuple:
+    """(model with the adapter, "lora" | "qlora"); refuses an adapter from another base."""
+    from minituner.lora.adapters import base_fingerprint, load_adapter
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: adapter folder not found")
+    settings = _adapter_settings(adapter_dir)
+    saved = settings["fingerprint"]
+    if saved is None or saved == base_fingerprint(model):
+        return load_adapter(model, adapter_dir), "lora"
+    from minituner.quant.qlora import wrap_minigpt_qlora
+
+    targets = settings["targets"]
+    extra = {"target_modules": targets} if isinstance(targets, (list, str)) else {}
+    quantized = wrap_minigpt_qlora(copy.deepcopy(model), r=int(settings["r"]),
+                                   alpha=float(settings["alpha"]),
+                                   quant_scheme=settings["quant_scheme"], **extra)
+    if base_fingerprint(quantized) != saved:
+        raise ValueError(
+            f"{adapter_dir}: adapter was trained on another base (fingerprint "
+            f"{saved[:12]}... matches neither this model nor its NF4 version)"
+        )
+    return load_adapter(quantized, adapter_dir), "qlora"
+
+
+def load_run(run_dir, adapter=None) -> tuple:
+    """(model, tokenizer, description) for a model run, a full-FT run or a LoRA/QLoRA run."""
+    from minituner.course.finetune import load_base
+
+    run = Path(run_dir)
+    config = load_run_config(run)
+    if config.get("kind") == "finetune" and config.get("method") in ("lora", "qlora"):
+        base = Path(config["base"]["path"])
+        model, tokenizer, _ = load_base(base)
+        adapter = adapter or run / "adapter"
+        description = {"base": str(base)}
+    else:
+        model, tokenizer, _ = load_base(run)
+        description = {"base": str(run)}
+    if adapter is not None:
+        model, kind = attach_adapter(model, adapter)
+        description.update(adapter=str(adapter), adapter_kind=kind)
+    return model, tokenizer, description

@@ -1,0 +1,66 @@
+"""The fine-tuning objective: next-token NLL on completion tokens, NLL and a KL anchor on replay
+rows, and the validation loss. Model-agnostic: they only call ``model(input_ids)`` for logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from minituner.course import data
+from minituner.models.minigpt import masked_token_nll
+
+
+def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(reference || model) over the vocabulary, (B, T)."""
+    ref_logp = torch.log_softmax(reference_logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+
+def make_loss_fn(reference, kl_weight: float, replay_nll: float = 1.0) -> Callable:
+    """loss_fn(model, batch) -> (summed token loss, target token count).
+
+    The token loss is the next-token NLL on the SFT rows' completion tokens, ``replay_nll`` x
+    NLL on the replay rows (``kl_mask``) and ``kl_weight`` x KL(reference || model) there.
+    """
+
+    def loss_fn(model, batch: dict) -> tuple:
+        logits = model(batch["input_ids"])
+        kl_mask = batch.get("kl_mask")
+        weights = batch["target_mask"].float()
+        if kl_mask is not None and replay_nll != 1.0:
+            weights = weights - (1.0 - replay_nll) * kl_mask.float()
+        total, _ = masked_token_nll(logits, batch["targets"], weights)
+        count = batch["target_mask"].sum()
+        if kl_weight > 0 and kl_mask is not None and bool(kl_mask.any()):
+            rows = kl_mask.any(dim=1)
+            with torch.no_grad():
+                ref = reference(batch["input_ids"][rows])
+            kl = token_kl(ref, logits[rows])
+            total = total + kl_weight * (kl * kl_mask[rows].to(kl.dtype)).sum()
+        return total, count
+
+    return loss_fn
+
+
+def make_validator(sequences: list, pad_id: int) -> Callable:
+    """evaluate(model) -> {"val_loss", "val_ppl"} over completion tokens of the SFT val split."""
+
+    @torch.no_grad()
+    def evaluate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0.0
+        for start in range(0, len(sequences), 128):
+            batch = data.collate_sequences(sequences[start : start + 128], pad_id)
+            nll, n = masked_token_nll(model(batch["input_ids"]), batch["targets"],
+                                      batch["target_mask"])
+            total, count = total + float(nll), count + float(n)
+        model.train(was_training)
+        loss = total / max(count, 1.0)
+        return {"val_loss": loss, "val_ppl": math.exp(loss)}
+
+    return evaluate

@@ -1,0 +1,107 @@
+"""The rank sweep: the same data, steps and seed at every rank; rank 0 is the untouched base.
+
+``sweep.json`` holds one list per metric, aligned with ``ranks``, and the elbow: the smallest
+trained rank whose irregular accuracy is within ``ELBOW_TOLERANCE`` (1 point) of the best
+accuracy of the sweep; past it, more rank buys less than a point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from minituner.util.files import atomic_write_json
+
+ELBOW_TOLERANCE = 0.01
+ELBOW_RULE = ("smallest trained rank r >= 1 whose irregular accuracy is within 1 point (0.01) "
+              "of the best irregular accuracy of the sweep")
+DEFAULT_RANKS = (0, 2, 4, 8, 16, 32)
+
+
+def parse_ranks(text: str) -> list:
+    """'0,2,4' -> [0, 2, 4]: distinct non-negative ints, in the given order."""
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--ranks must be comma-separated integers, got {text!r}") from None
+    if not ranks or any(r < 0 for r in ranks) or len(set(ranks)) != len(ranks):
+        raise ValueError(f"--ranks must be distinct non-negative integers, got {text!r}")
+    return ranks
+
+
+def elbow_rank(ranks: list, accuracy: list, tolerance: float = ELBOW_TOLERANCE) -> int | None:
+    """The elbow by :data:`ELBOW_RULE` (None when no rank >= 1 was trained)."""
+    trained = [(r, a) for r, a in zip(ranks, accuracy, strict=True) if r > 0]
+    if not trained:
+        return None
+    best = max(a for _, a in trained)
+    return min(r for r, a in trained if a >= best - tolerance - 1e-12)
+
+
+def base_point(base_dir) -> dict:
+    """Rank 0: the base's own evaluation (no adapter, nothing trained)."""
+    from minituner.course.data import control_texts
+    from minituner.course.evaluate import evaluate_model, load_builtin_probes
+    from minituner.course.finetune import control_records, load_base
+
+    model, tokenizer, _ = load_base(base_dir)
+    texts = control_texts(control_records(base_dir))
+    result = evaluate_model(model, tokenizer, load_builtin_probes(), texts)
+    return {"rank": 0, "irregular_accuracy": result["irregular_accuracy"],
+            "regular_accuracy": result["regular_accuracy"], "control_ppl": result["control_ppl"],
+            "trainable_params": 0}
+
+
+def run_sweep(base_dir, out_dir, ranks, cfg, on_run=None, progress=None) -> dict:
+    """Fine-tune one LoRA (or QLoRA) run per rank into ``out_dir/r<rank>``; write sweep.json
+    and sweep.png. ``on_run(rank, point)`` reports each finished rank; ``progress`` (optional)
+    is an object with ``start(total)``, ``on_step(record)`` and ``close()``."""
+    from minituner.course.finetune import run_with_progress
+    from minituner.util.plots import plot_sweep
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    points = []
+    for rank in ranks:
+        if rank == 0:
+            point = base_point(base_dir)
+        else:
+            run_cfg = dataclasses.replace(cfg, rank=rank)
+            results = run_with_progress(base_dir, out / f"r{rank}", run_cfg, progress,
+                                        overwrite=True)
+            point = {"rank": rank, "irregular_accuracy": results["irregular_accuracy_tuned"],
+                     "regular_accuracy": results["regular_accuracy_tuned"],
+                     "control_ppl": results["control_ppl_tuned"],
+                     "trainable_params": results["trainable_params"],
+                     "run": f"r{rank}"}
+        points.append(point)
+        if on_run is not None:
+            on_run(rank, point)
+    summary = summarise(points, cfg)
+    summary["wall_s"] = time.perf_counter() - started
+    atomic_write_json(out / "sweep.json", summary)
+    plot_sweep(summary, out / "sweep.png")
+    return summary
+
+
+def summarise(points: list, cfg) -> dict:
+    """sweep.json's content from the per-rank points."""
+    ranks = [p["rank"] for p in points]
+    accuracy = [p["irregular_accuracy"] for p in points]
+    base = next((p for p in points if p["rank"] == 0), None)
+    summary = {
+        "ranks": ranks,
+        "irregular_accuracy": accuracy,
+        "regular_accuracy": [p["regular_accuracy"] for p in points],
+        "control_ppl": [p["control_ppl"] for p in points],
+        "trainable_params": [p["trainable_params"] for p in points],
+        "elbow_rank": elbow_rank(ranks, accuracy),
+        "elbow_rule": ELBOW_RULE,
+        "config": {k: v for k, v in cfg.to_dict().items() if k != "rank"},
+        "runs": {str(p["rank"]): p.get("run") for p in points},
+    }
+    if base is not None:
+        summary["control_ppl_change"] = [p["control_ppl"] / base["control_ppl"] - 1.0
+                                         for p in points]
+    return summary

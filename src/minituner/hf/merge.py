@@ -1,0 +1,171 @@
+"""Merging an adapter into a transformers base and writing a standard transformers directory.
+
+The adapter's ``minituner.base`` record says how its base was loaded (float LoRA or NF4
+QLoRA, compute dtype, quant scheme); an adapter saved by PEFT has none and is taken as float
+LoRA. The same base is loaded again (the fingerprint check refuses another one), the adapter is
+merged, and the result is written with :func:`minituner.hf.save.save_hf_model`:
+
+- ``dequantized`` (default): float weights. From an NF4 base, each adapted layer becomes
+  dequantized(W) + scaling * B @ A, and every other NF4 layer is dequantized too, so the
+  directory is a plain float model. GPT-2's layers are written back as Conv1D (in, out).
+- ``requantized``: every all-linear layer is NF4 (W + update quantized again with fresh
+  scales), written in bitsandbytes' 4-bit layout; this moves outputs and the report says how
+  far.
+
+``merge_report.json`` (in the output directory) gives the largest and mean absolute logit
+difference between the unmerged adapter model and (a) the merged model in memory, (b) the
+directory loaded back with ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minituner.lora import lora_layers, merge_and_unload, output_drift, run_probe, set_submodule
+from minituner.quant.qlora import MERGE_TARGETS
+from minituner.util.files import atomic_write_json, read_json
+
+
+def recorded_hf_base(adapter_dir: str | os.PathLike) -> dict | None:
+    """The transformers base an adapter records (``minituner.base``), or None."""
+    from minituner.lora.adapters import CONFIG_NAME
+
+    config = read_json(Path(adapter_dir) / CONFIG_NAME, "adapter config")
+    section = config.get("minituner") if isinstance(config, dict) else None
+    record = section.get("base") if isinstance(section, dict) else None
+    return record if isinstance(record, dict) and record.get("kind") == "transformers" else None
+
+
+def adapter_base_record(adapter_dir: str | os.PathLike, model_spec: str | None) -> dict:
+    """The adapter's record of its base (PEFT adapters: float LoRA in fp32 on ``model_spec``)."""
+    from minituner.hf.load import base_record
+
+    record = recorded_hf_base(adapter_dir)
+    if record is not None:
+        return record
+    if model_spec is None:
+        raise ValueError(f"{adapter_dir}: the adapter does not record its base; pass --model")
+    return base_record(model_spec, "lora", torch.float32)
+
+
+def probe_tokens(vocab_size: int, context: int | None, seed: int = 0) -> torch.Tensor:
+    """A fixed batch of token ids (4 x up to 32) for the merge report."""
+    length = min(32, context or 32)
+    return torch.randint(0, vocab_size, (4, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return run_probe(model, lambda m: m(input_ids=tokens.to(device), use_cache=False).logits).cpu()
+
+
+def _drift(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    max_diff, mean_diff = output_drift(reference, other)
+    scale = float(reference.abs().mean())
+    return {"max_abs_diff": max_diff, "mean_abs_diff": mean_diff,
+            "relative_mean_diff": mean_diff / scale if scale else None}
+
+
+@torch.no_grad()
+def _as_float_layer(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A float Linear (or Conv1D for a GPT-2 layer) holding a merged or NF4 layer's weight."""
+    from minituner.quant.qlora import QuantizedLinear
+
+    fan_in_fan_out = bool(getattr(layer, "source_fan_in_fan_out", False))
+    if isinstance(layer, QuantizedLinear):
+        weight, bias = layer.dequantized_weight(torch.float32), layer.bias
+    else:
+        weight, bias = layer.weight, layer.bias
+    if fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        out = Conv1D(weight.shape[0], weight.shape[1])  # nf = out, nx = in; weight (in, out)
+        out.weight.copy_(weight.t())
+        if bias is None:
+            out.bias = None
+        else:
+            out.bias.copy_(bias)
+    else:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out.to(device=weight.device, dtype=dtype).requires_grad_(False)
+
+
+def _merge(model: nn.Module, target: str, record: dict) -> nn.Module:
+    """Merge every adapter into its base and unload; layout per ``target``."""
+    from minituner.hf.load import quantize_loaded_model
+    from minituner.quant.qlora import QuantizedLinear, parse_quant_scheme
+
+    dtype = getattr(torch, record.get("compute_dtype", "float32"))
+    blocksize, double_quant = parse_quant_scheme(record.get("quant_scheme", "nf4_per_group_64"))
+    wrapped = [name for name, _ in lora_layers(model)]
+    sources = {name: bool(getattr(layer.base, "source_fan_in_fan_out", False))
+               for name, layer in lora_layers(model)}
+    quantized_base = record.get("method") == "qlora"
+    merge_and_unload(model, target=target if quantized_base else None)  # NF4 bases: per target
+    for name in wrapped:  # merged layers lose the Conv1D mark: put it back
+        model.get_submodule(name).source_fan_in_fan_out = sources[name]
+    if target == "dequantized":
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QuantizedLinear) or (quantized_base and name in wrapped):
+                set_submodule(model, name, _as_float_layer(module, dtype))
+        return model
+    if not quantized_base:
+        return quantize_loaded_model(model, dtype, blocksize, double_quant)
+    return model  # every all-linear layer is NF4 already (the adapted ones freshly requantized)
+
+
+def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str | None = None,
+                     device: str | torch.device = "cpu", overwrite: bool = False,
+                     strict: bool = True) -> dict:
+    """Merge ``adapter_dir`` into its base and write ``out_dir``; returns the merge report."""
+    from minituner.hf.load import load_base
+    from minituner.hf.models import context_length, load_hf_tokenizer
+    from minituner.hf.save import save_hf_model
+    from minituner.lora.adapters import load_adapter
+
+    target = target or "dequantized"
+    if target not in MERGE_TARGETS:
+        raise ValueError(f"--target must be one of {list(MERGE_TARGETS)}, got {target!r}")
+    record = adapter_base_record(adapter_dir, model_spec)
+    path = model_spec if model_spec is not None else record["path"]
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: folder is not empty (pass --overwrite to replace it)")
+    model = load_adapter(load_base(record, device=device, path=path), adapter_dir, strict=strict)
+    tokens = probe_tokens(model.config.vocab_size, context_length(model.config))
+    before = _logits(model, tokens)
+    n_layers = len(lora_layers(model))
+    merged = _merge(model, target, record)
+    in_memory = _drift(before, _logits(merged, tokens))
+    tokenizer = load_hf_tokenizer(path)
+    save_hf_model(merged, out, tokenizer=tokenizer, overwrite=overwrite)
+    reloaded = _drift(before, _logits(_reload(out, target, device), tokens))
+    report = {
+        "target": target, "n_layers": n_layers, "base": record, "adapter": str(adapter_dir),
+        "output": str(out), "probe": {"shape": list(tokens.shape), "seed": 0},
+        "merged_in_memory": in_memory, "reloaded_from_directory": reloaded,
+        "note": ("logit differences against the unmerged adapter model on seeded random "
+                 "tokens; 'dequantized' should be float rounding, 'requantized' re-rounds "
+                 "every weight to NF4"),
+    }
+    atomic_write_json(out / "merge_report.json", report)
+    return report
+
+
+def _reload(out: Path, target: str, device) -> nn.Module:
+    """The written directory loaded back (transformers for float, minituner's reader for NF4)."""
+    if target == "dequantized":
+        from minituner.hf.models import load_hf_model
+
+        return load_hf_model(out, device=device)
+    from minituner.hf.load import load_quantized_hf_model
+
+    return load_quantized_hf_model(out, device=device)

@@ -1,0 +1,103 @@
+"""Random-init transformers models with a small word-level tokenizer, for offline trials.
+
+``write_toy_model(DIR, arch)`` writes a ``save_pretrained`` directory (config, safetensors
+weights, tokenizer with a chat template) that ``hf:DIR`` loads; nothing is downloaded. Sizes:
+``tiny`` (64 wide, 2 layers, vocab 512) for tests, ``gpt2-small`` (768 wide, 12 layers,
+vocab 50257) to measure real-shape speed and memory. The weights are random: such a model
+only shows that the machinery works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>", "<system>")
+WORDS = (
+    "the a an and or but if then so to of in on at by for with from up down out over under "
+    "i you he she it we they me him her us them my your his its our their this that these "
+    "those is are was were be been being have has had do does did go goes went gone come came "
+    "see saw seen eat ate eaten write wrote written work worked play played walk walked talk "
+    "talked yesterday today tomorrow now always never often sometimes morning night day week "
+    "year time cat dog bird fish tree house car book word name city road water food friend "
+    "question answer yes no not what who where when why how which good bad big small new old "
+    "red blue green happy sad fast slow one two three four five six seven eight nine ten . , ? !"
+).split()
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} "
+    "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+SIZES = {
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 256, "vocab": 512, "positions": 128},
+    "gpt2-small": {"hidden": 768, "layers": 12, "heads": 12, "ffn": 3072, "vocab": 50257,
+                   "positions": 1024},
+}
+TOY_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+def toy_tokenizer():
+    """A word-level PreTrainedTokenizerFast over :data:`WORDS`, specials and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate((*SPECIALS, *WORDS))}
+    engine = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    engine.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=engine, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=list(SPECIALS[4:]),
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def toy_config(arch: str = "gpt2", size: str = "tiny", dropout: float = 0.0):
+    """A transformers config of the given architecture and size (ids of <pad>/<bos>/<eos>)."""
+    if arch not in TOY_ARCHITECTURES:
+        raise ValueError(f"arch must be one of {list(TOY_ARCHITECTURES)}, got {arch!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+    shape = SIZES[size]
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            n_embd=shape["hidden"], n_layer=shape["layers"], n_head=shape["heads"],
+            n_inner=shape["ffn"], vocab_size=shape["vocab"], n_positions=shape["positions"],
+            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **ids,
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        arch, hidden_size=shape["hidden"], intermediate_size=shape["ffn"] // 2,
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=max(1, shape["heads"] // 2), vocab_size=shape["vocab"],
+        max_position_embeddings=shape["positions"], attention_dropout=dropout,
+        tie_word_embeddings=arch == "qwen2", head_dim=shape["hidden"] // shape["heads"], **ids,
+    )
+
+
+def write_toy_model(
+    directory: str | os.PathLike, arch: str = "gpt2", size: str = "tiny", seed: int = 0,
+    dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Save a random-init model (seeded) and the toy tokenizer into ``directory`` atomically."""
+    from transformers import AutoModelForCausalLM
+
+    from minituner.hf.models import quiet_transformers
+    from minituner.util.files import atomic_directory
+
+    config = toy_config(arch, size, dropout)
+    out = Path(directory)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: folder exists and is not empty")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with atomic_directory(out) as staging:
+        with quiet_transformers():
+            model.save_pretrained(str(staging))
+        toy_tokenizer().save_pretrained(str(staging))
+    return out

@@ -1,0 +1,58 @@
+"""LoRA: the layer, its fused autograd function, target resolution, injection, merging and
+PEFT-format adapter files. The package's public API is re-exported here."""
+
+from minituner.lora.inject import (
+    apply_lora,
+    count_lora_params,
+    disable_adapters,
+    install_lora_layers,
+    is_lora_name,
+    load_lora_state_dict,
+    lora_param_table,
+    lora_ratio,
+    lora_state_dict,
+    wrap_minigpt_with_lora,
+)
+from minituner.lora.layer import (
+    KNOWN_INITS,
+    LoRALinear,
+    check_alpha,
+    check_dropout,
+    check_init,
+    check_rank,
+    is_fan_in_fan_out,
+    linear_features,
+    lora_layers,
+    lora_scaling,
+    source_fan_in_fan_out,
+)
+from minituner.lora.merge import (
+    MergeReport,
+    merge_and_unload,
+    merge_lora,
+    output_drift,
+    run_probe,
+    unmerge_lora,
+)
+from minituner.lora.targets import (
+    ALL_LINEAR,
+    MINIGPT_TARGETS,
+    check_patterns,
+    is_linear_like,
+    pattern_value,
+    resolve_target_modules,
+    set_submodule,
+    suffix_matches,
+)
+
+__all__ = [
+    "ALL_LINEAR", "KNOWN_INITS", "MINIGPT_TARGETS", "LoRALinear", "MergeReport", "apply_lora",
+    "check_alpha", "check_dropout", "check_init", "check_patterns", "check_rank",
+    "count_lora_params", "disable_adapters", "install_lora_layers", "is_fan_in_fan_out",
+    "is_linear_like",
+    "is_lora_name", "linear_features", "load_lora_state_dict", "lora_layers", "lora_param_table",
+    "lora_ratio", "lora_scaling", "lora_state_dict", "merge_and_unload", "merge_lora",
+    "output_drift", "pattern_value", "resolve_target_modules", "run_probe", "set_submodule",
+    "source_fan_in_fan_out",
+    "suffix_matches", "unmerge_lora", "wrap_minigpt_with_lora",
+]

@@ -1,0 +1,365 @@
+"""Saving and loading LoRA adapters in Hugging Face PEFT's directory layout.
+
+A directory holds ``adapter_model.safetensors`` (keys
+``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r))
+and ``adapter_config.json`` (PEFT's LoraConfig fields plus a ``minituner`` section). PEFT reads
+the directory (except rank 0, which PEFT rejects), and minituner reads PEFT-saved LoRA adapters.
+
+Base fingerprint: sha256 over every tensor of the model's ``state_dict()`` except LoRA tensors
+(parameters and persistent buffers), with the names the plain (unwrapped) model would use, in
+sorted name order; for each tensor the hash takes ``name``, ``str(dtype)`` and the shape as
+comma-separated ints, each followed by a NUL byte, then the tensor's raw bytes (C order, CPU).
+It fingerprints the tensors as stored: an NF4-quantized base differs from its float source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minituner.lora.inject import install_lora_layers, is_lora_name
+from minituner.lora.layer import (
+    LoRALinear,
+    check_alpha,
+    check_dropout,
+    check_rank,
+    linear_features,
+    lora_layers,
+    source_fan_in_fan_out,
+)
+from minituner.lora.targets import check_patterns, is_linear_like, pattern_value, suffix_matches
+from minituner.util.files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+KEY_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
+# minituner init name <-> PEFT init_lora_weights. PEFT has no variance-1/r Gaussian; "gaussian"
+# (std 1/r) is the nearest PEFT value, and the minituner section records the real init.
+_PEFT_INIT = {"kaiming": True, "gaussian_std": "gaussian", "gaussian": "gaussian"}
+_INIT_STD = {"gaussian": "1/sqrt(r)", "gaussian_std": "1/r", "kaiming": "uniform +-1/sqrt(in)"}
+# PEFT options that change the math or add tensors minituner does not implement.
+_UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "layer_replication",
+                "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
+                "use_qalora", "use_bdlora")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 of the frozen base tensors under plain-model names (see the module docstring)."""
+    wrapper_paths = {name for name, _ in lora_layers(model)}
+    named = {}
+    for key, tensor in model.state_dict().items():
+        if not is_lora_name(key):
+            named[_plain_name(key, wrapper_paths)] = tensor
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        tensor = named[name].detach().cpu().contiguous()
+        header = [name, str(tensor.dtype), ",".join(str(d) for d in tensor.shape)]
+        digest.update(b"".join(part.encode() + b"\0" for part in header))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _plain_name(key: str, wrapper_paths: set) -> str:
+    parts = key.split(".")
+    kept = [
+        part for i, part in enumerate(parts)
+        if not (part == "base" and ".".join(parts[:i]) in wrapper_paths)
+    ]
+    return ".".join(kept)
+
+
+def _base_config(model: nn.Module) -> dict | None:
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    if not callable(to_dict):
+        return None
+    return json.loads(json.dumps(to_dict(), default=str))
+
+
+def _linear_paths(model: nn.Module) -> list:
+    """Paths of the Linear-like layers as the plain model names them (wrappers count as one)."""
+    wrappers = {name for name, _ in lora_layers(model)}
+    return [
+        name for name, module in model.named_modules()
+        if name in wrappers or (is_linear_like(module) and name.rpartition(".")[0] not in wrappers)
+    ]
+
+
+def _peft_target_modules(model: nn.Module, requested, wrapped: list) -> list:
+    """A target list PEFT resolves to exactly the wrapped modules (PEFT's list rule is a
+    dotted-suffix match): the requested names, else leaf names, else full paths."""
+    linears = _linear_paths(model)
+    candidates = [sorted({name.rsplit(".", 1)[-1] for name in wrapped}), sorted(wrapped)]
+    if isinstance(requested, (list, tuple)):
+        candidates.insert(0, sorted(set(requested)))
+    for targets in candidates:
+        if [n for n in linears if any(suffix_matches(n, t) for t in targets)] == wrapped:
+            return targets
+    return sorted(wrapped)
+
+
+def save_adapter(
+    model: nn.Module, directory, base_model_name_or_path: str | None = None,
+    extra: dict | None = None, fingerprint: str | None = None,
+) -> Path:
+    """Write the adapter (tensors + PEFT config + minituner section) to ``directory`` atomically.
+
+    ``extra`` (JSON-able) is stored as ``minituner.base`` (e.g. how the base was loaded).
+    ``fingerprint``: the base's :func:`base_fingerprint` when the caller already has it (it
+    hashes every base tensor); computed here when not given.
+    """
+    layers = lora_layers(model)
+    settings = getattr(model, "lora_config", None)
+    if not layers or not isinstance(settings, dict):
+        raise ValueError("model has no LoRA adapter to save (wrap it with apply_lora first)")
+    if any(layer.merged for _, layer in layers):
+        raise ValueError("model's adapters are merged into the base; call unmerge_lora first")
+    directory = Path(directory)
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu()
+    init = settings["init"]
+    wrapped = [name for name, _ in layers]
+    section = {
+        "format_version": FORMAT_VERSION,
+        "init": init,
+        "init_a_std": _INIT_STD[init],
+        "target_modules_requested": settings["target_modules"],
+        "seed": settings.get("seed"),
+        "base_fingerprint": {
+            "algorithm": "sha256",
+            "covers": "state_dict tensors except lora_*, plain-model names, sorted; "
+                      "name, dtype, shape (NUL-terminated) then raw bytes per tensor",
+            "value": fingerprint if fingerprint is not None else base_fingerprint(model),
+        },
+        "base_config": _base_config(model),
+    }
+    if extra is not None:
+        section["base"] = extra
+    if init == "gaussian":
+        section["init_lora_weights_note"] = (
+            "A was drawn with variance 1/r (std 1/sqrt(r)); PEFT has no such option and its "
+            "'gaussian' means std 1/r. Loading trained weights does not depend on the init."
+        )
+    if any(layer.r == 0 for _, layer in layers):
+        section["peft_loadable"] = False
+        section["note"] = "rank 0 adapter: PEFT cannot load it (PEFT rejects r <= 0)"
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
+        "target_modules": _peft_target_modules(model, settings["target_modules"], wrapped),
+        "bias": "none", "use_rslora": settings["use_rslora"],
+        "fan_in_fan_out": any(source_fan_in_fan_out(layer.base) for _, layer in layers),
+        "use_dora": False, "init_lora_weights": _PEFT_INIT[init], "modules_to_save": None,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+        "rank_pattern": settings["rank_pattern"], "alpha_pattern": settings["alpha_pattern"],
+        "revision": None, "layers_to_transform": None, "layers_pattern": None,
+        "minituner": section,
+    }
+    atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    atomic_write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def _parse_config(config: dict, path: Path) -> dict:
+    """Validated LoRA settings from an adapter_config.json (PEFT's or minituner's)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: adapter config must be a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
+    for field in _UNSUPPORTED:
+        if config.get(field):
+            raise ValueError(f"{path}: {field}={config[field]!r} is not supported by minituner")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    section = config.get("minituner")
+    try:
+        settings = {
+            "r": check_rank(config.get("r", 8), "r"),
+            "alpha": check_alpha(config.get("lora_alpha", 8), "lora_alpha"),
+            "dropout": check_dropout(config.get("lora_dropout", 0.0), "lora_dropout"),
+            "use_rslora": _check_bool(config.get("use_rslora", False), "use_rslora"),
+            "fan_in_fan_out": _check_bool(config.get("fan_in_fan_out", False), "fan_in_fan_out"),
+            "rank_pattern": check_patterns(config.get("rank_pattern"), "rank_pattern", check_rank),
+            "alpha_pattern": check_patterns(
+                config.get("alpha_pattern"), "alpha_pattern", check_alpha),
+            "init": _init_name(config.get("init_lora_weights", True), section),
+        }
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    settings["target_modules"] = config.get("target_modules")
+    settings["fingerprint"] = None
+    if isinstance(section, dict):
+        version = section.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"{path}: minituner.format_version {version!r} is not supported")
+        requested = section.get("target_modules_requested", config.get("target_modules"))
+        settings["target_modules"] = requested
+        settings["fingerprint"] = (section.get("base_fingerprint") or {}).get("value")
+    return settings
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _init_name(peft_value, section) -> str:
+    if isinstance(section, dict) and section.get("init") in _INIT_STD:
+        return section["init"]
+    if isinstance(peft_value, str):
+        if peft_value.lower().startswith(_BASE_CHANGING_INITS):
+            raise ValueError(f"init_lora_weights={peft_value!r} changes the base weights")
+        return "gaussian_std" if peft_value == "gaussian" else "kaiming"
+    return "kaiming"
+
+
+def _parse_tensors(tensors: dict, path: Path) -> dict:
+    """{module path: (A, B)} from PEFT keys; anything else is an error naming the key."""
+    pairs: dict = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"{path}: unexpected tensor {key!r} (expected {KEY_PREFIX}"
+                             "<module>.lora_A.weight / .lora_B.weight)")
+        if tensor.ndim != 2 or not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key} must be a 2-D float tensor, got {tuple(tensor.shape)}")
+        pairs.setdefault(match["path"], {})[match["part"]] = tensor
+    for module, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise ValueError(f"{path}: {module} has lora_{''.join(parts)} but not both A and B")
+        if parts["A"].shape[0] != parts["B"].shape[1]:
+            raise ValueError(f"{path}: {module} lora_A {tuple(parts['A'].shape)} and lora_B "
+                             f"{tuple(parts['B'].shape)} disagree on the rank")
+    return {module: (parts["A"], parts["B"]) for module, parts in pairs.items()}
+
+
+def _check_shapes(path: Path, module: str, layer_shape: tuple, pair: tuple, settings: dict) -> int:
+    """The rank the file gives ``module``, after checking it against the config and the model."""
+    fan_in, fan_out = layer_shape
+    lora_a, lora_b = pair
+    rank = lora_a.shape[0]
+    expected = pattern_value(settings["rank_pattern"], module, settings["r"])
+    if rank != expected:
+        raise ValueError(f"{path}: {module} has rank {rank}, the config says {expected}")
+    if tuple(lora_a.shape) != (rank, fan_in) or tuple(lora_b.shape) != (fan_out, rank):
+        raise ValueError(
+            f"{path}: {module} lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} do not "
+            f"fit the model's layer (in {fan_in}, out {fan_out})"
+        )
+    return rank
+
+
+def _plan_plain(model: nn.Module, pairs: dict, settings: dict, path: Path) -> dict:
+    """New, unattached LoRA layers holding the file's tensors, one per adapted module."""
+    module_names = dict(model.named_modules())
+    layers = {}
+    for module, pair in pairs.items():
+        base = module_names.get(module)
+        if base is None or not is_linear_like(base):
+            raise ValueError(f"{path}: the model has no Linear named {module!r}")
+        rank = _check_shapes(path, module, linear_features(base), pair, settings)
+        layer = LoRALinear(
+            base, r=rank, alpha=pattern_value(settings["alpha_pattern"], module, settings["alpha"]),
+            dropout=settings["dropout"], init=settings["init"], use_rslora=settings["use_rslora"],
+            freeze_base=False, generator=torch.Generator().manual_seed(0),
+        )
+        with torch.no_grad():
+            layer.lora_A.copy_(pair[0])
+            layer.lora_B.copy_(pair[1])
+        layers[module] = layer
+    return layers
+
+
+def _check_wrapped(model: nn.Module, pairs: dict, settings: dict, path: Path) -> dict:
+    """The model's LoRA layers by path, after checking they match the file one to one."""
+    layers = dict(lora_layers(model))
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("model's adapters are merged into the base; call unmerge_lora first")
+    missing, unexpected = sorted(set(layers) - set(pairs)), sorted(set(pairs) - set(layers))
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter modules differ from the model's LoRA layers: "
+                         f"missing in file {missing}, not in model {unexpected}")
+    for module, layer in layers.items():
+        features = (layer.in_features, layer.out_features)
+        rank = _check_shapes(path, module, features, pairs[module], settings)
+        if rank != layer.r:
+            raise ValueError(f"{path}: {module} has rank {rank}, the model's layer has {layer.r}")
+    return layers
+
+
+def _check_layout(model: nn.Module, modules: list, settings: dict, path: Path) -> None:
+    """fan_in_fan_out=True needs at least one adapted layer stored (in, out), as in GPT-2."""
+    if not settings["fan_in_fan_out"]:
+        return  # like PEFT, a Conv1D layer is read in its own layout whatever the flag says
+    found = dict(model.named_modules())
+    bases = [getattr(found[m], "base", found[m]) for m in modules if m in found]
+    if not any(source_fan_in_fan_out(base) for base in bases):
+        raise ValueError(f"{path}: fan_in_fan_out=True but none of the adapted layers is stored "
+                         "(in, out) like GPT-2's Conv1D (adapter for another architecture?)")
+
+
+def _check_fingerprint(model: nn.Module, settings: dict, path: Path, strict: bool) -> None:
+    saved = settings["fingerprint"]
+    if saved is None:
+        return
+    actual = base_fingerprint(model)
+    if actual == saved:
+        return
+    message = (f"{path}: base model fingerprint mismatch: the adapter was trained on base "
+               f"{saved[:12]}..., this model is {actual[:12]}...")
+    if strict:
+        raise ValueError(message + "; pass strict=False to load anyway")
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
+    """Load an adapter directory into ``model`` (wrapping a plain model first); returns it.
+
+    Every key, shape and the base fingerprint are checked before the model is touched.
+    ``strict=False`` turns only a fingerprint mismatch into a warning. Loading into an already
+    wrapped model also takes the file's alpha and use_rslora.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    settings = _parse_config(read_json(config_path, "adapter config"), config_path)
+    pairs = _parse_tensors(load_safetensors(weights_path), weights_path)
+    if not pairs:
+        raise ValueError(f"{weights_path}: holds no LoRA tensors")
+    _check_layout(model, sorted(pairs), settings, config_path)
+    wrapped = bool(lora_layers(model))
+    if wrapped:
+        layers = _check_wrapped(model, pairs, settings, weights_path)
+    else:
+        layers = _plan_plain(model, pairs, settings, weights_path)
+    _check_fingerprint(model, settings, config_path, strict)
+    if not wrapped:
+        lora_config = {key: settings[key] for key in
+                       ("r", "alpha", "dropout", "init", "use_rslora", "target_modules",
+                        "rank_pattern", "alpha_pattern")}
+        return install_lora_layers(model, layers, {**lora_config, "seed": None})
+    with torch.no_grad():
+        for module, layer in layers.items():
+            layer.lora_A.copy_(pairs[module][0])
+            layer.lora_B.copy_(pairs[module][1])
+            layer.set_alpha(pattern_value(settings["alpha_pattern"], module, settings["alpha"]),
+                            settings["use_rslora"])
+    updates = {key: settings[key] for key in
+               ("r", "alpha", "use_rslora", "rank_pattern", "alpha_pattern")}
+    model.lora_config = {**getattr(model, "lora_config", {}), **updates}
+    return model

@@ -1,0 +1,198 @@
+"""LoRA from first principles: a wrapped Linear, injection by module name, counting and merging.
+
+A frozen Linear W (out x in) gets a trainable low-rank update: ``W_eff = W + scaling * B @ A``
+with ``A`` (r, in), ``B`` (out, r), ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+``B`` starts at zero, so a freshly wrapped model computes exactly what its base computes.
+
+Names: every trainable tensor is called ``lora_A`` / ``lora_B``; the wrapped layer lives at
+``<module path>.base``. :func:`lora_state_dict` keys are ``<module path>.lora_A`` and
+``<module path>.lora_B`` (the model's own state-dict keys for those tensors).
+
+This module holds injection, counting and adapter state dicts.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from minituner.lora.layer import (
+    LoRALinear,
+    check_alpha,
+    check_dropout,
+    check_init,
+    check_rank,
+    linear_features,
+    lora_layers,
+)
+from minituner.lora.targets import (
+    ALL_LINEAR,
+    MINIGPT_TARGETS,
+    check_patterns,
+    pattern_value,
+    resolve_target_modules,
+    set_submodule,
+)
+
+# ----------------------------------------------------------------------------- injection
+
+
+def is_lora_name(name: str) -> bool:
+    """True for a LoRA tensor name (its last component starts with ``lora_``)."""
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+
+def install_lora_layers(model: nn.Module, layers: Mapping, lora_config: dict) -> nn.Module:
+    """Swap prepared LoRALinear layers in by path, freeze every non-LoRA tensor, record config."""
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_name(name))
+    model.lora_config = dict(lora_config)
+    return model
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    init: str = "gaussian",
+    use_rslora: bool = False,
+    rank_pattern: Mapping | None = None,
+    alpha_pattern: Mapping | None = None,
+    seed: int | None = None,
+) -> nn.Module:
+    """Wrap the targeted Linears in place with LoRALinear and freeze the rest; returns the model.
+
+    All checks run before the model is touched. The config is kept as ``model.lora_config``.
+    """
+    r, alpha = check_rank(r), check_alpha(alpha)
+    dropout, init = check_dropout(dropout), check_init(init)
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; apply_lora runs once per model")
+    rank_pattern = check_patterns(rank_pattern, "rank_pattern", check_rank)
+    alpha_pattern = check_patterns(alpha_pattern, "alpha_pattern", check_alpha)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    names = resolve_target_modules(model, target_modules)
+    if not names:
+        raise ValueError(f"target_modules {target_modules!r} selects no Linear in the model")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    layers = {
+        name: LoRALinear(
+            model.get_submodule(name),
+            r=pattern_value(rank_pattern, name, r),
+            alpha=pattern_value(alpha_pattern, name, alpha),
+            dropout=dropout, init=init, use_rslora=use_rslora,
+            freeze_base=False, generator=generator,
+        )
+        for name in names
+    }
+    config = {
+        "r": r, "alpha": alpha, "dropout": dropout, "init": init, "use_rslora": use_rslora,
+        "target_modules": target_modules if target_modules == ALL_LINEAR else list(target_modules),
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "seed": seed,
+    }
+    return install_lora_layers(model, layers, config)
+
+
+def wrap_minigpt_with_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence = MINIGPT_TARGETS,
+    dropout: float = 0.0,
+    **kwargs,
+) -> nn.Module:
+    """The course's name: LoRA on Mini-GPT's Linears (all 12 by default) via :func:`apply_lora`."""
+    return apply_lora(model, target_modules, r=r, alpha=alpha, dropout=dropout, **kwargs)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block; the adapters' state is restored after."""
+    layers = [m for _, m in lora_layers(model)]
+    if any(m.merged for m in layers):
+        raise ValueError("cannot disable merged adapters; call unmerge_lora first")
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, flag in zip(layers, previous, strict=True):
+            m.disabled = flag
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def count_lora_params(model: nn.Module) -> int:
+    """Number of LoRA scalars (``lora_`` tensors); Mini-GPT with all 12 Linears: 2304 r."""
+    return sum(p.numel() for n, p in model.named_parameters() if is_lora_name(n))
+
+
+def lora_ratio(h: int, r: int) -> float:
+    """LoRA-to-full trainable ratio for a square h x h Linear: r * (h + h) / h^2 = 2r / h."""
+    if isinstance(h, bool) or not isinstance(h, numbers.Integral) or h <= 0:
+        raise ValueError(f"h must be a positive int, got {h!r}")
+    return 2 * check_rank(r) / h
+
+
+def lora_param_table(model: nn.Module, r: int, target_modules=MINIGPT_TARGETS) -> dict:
+    """Per-Linear rows (name, shape, full params, r*(in+out), ratio) and totals for a plain model.
+
+    "full params" counts the weight matrix LoRA adapts (out * in), not the bias.
+    """
+    r = check_rank(r)
+    rows = []
+    for name in resolve_target_modules(model, target_modules):
+        fan_in, fan_out = linear_features(model.get_submodule(name))
+        full, lora = fan_in * fan_out, r * (fan_in + fan_out)
+        rows.append({"name": name, "shape": [fan_out, fan_in], "full_params": full,
+                     "lora_params": lora, "ratio": lora / full})
+    full_total = sum(row["full_params"] for row in rows)
+    lora_total = sum(row["lora_params"] for row in rows)
+    model_params = sum(p.numel() for p in model.parameters())
+    totals = {"n_linears": len(rows), "full_params": full_total, "lora_params": lora_total,
+              "ratio": lora_total / full_total, "model_params": model_params,
+              "fraction_of_model": lora_total / model_params}
+    return {"rank": r, "rows": rows, "totals": totals}
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Adapter tensors only, keyed ``<module path>.lora_A`` / ``.lora_B`` (detached copies)."""
+    if not lora_layers(model):
+        raise ValueError("model has no LoRA layers")
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_lora_name(n)}
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+    """Copy adapter tensors into the model; every key and shape is checked before any write."""
+    params = {n: p for n, p in model.named_parameters() if is_lora_name(n)}
+    if not params:
+        raise ValueError("model has no LoRA layers to load into")
+    missing = sorted(set(params) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"LoRA state dict mismatch: missing {missing}, unexpected {unexpected}")
+    for name, param in params.items():
+        if tuple(state_dict[name].shape) != tuple(param.shape):
+            raise ValueError(
+                f"LoRA state dict: {name} has shape {tuple(state_dict[name].shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state_dict[name])

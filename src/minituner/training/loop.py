@@ -1,0 +1,297 @@
+"""Training: the optimizer builder, the warmup + cosine schedule and the pretraining loop."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    """(name, parameter) pairs that require gradients."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only; refuses a model with nothing to train.
+
+    Rank-0 LoRA leaves zero trainable tensors. PyTorch's AdamW raises an opaque error on an
+    empty parameter list, so we raise a clear one instead, and we never fall back to training
+    the frozen base.
+    """
+    named = trainable_parameters(model)
+    if not named or sum(p.numel() for _, p in named) == 0:
+        raise ValueError(
+            "nothing is trainable: the model has no parameter with requires_grad=True "
+            "(rank 0 adapts nothing; use r >= 1, or --method full to train the base)"
+        )
+    decay = [p for n, p in named if p.ndim >= 2 and p.numel() > 0]
+    no_decay = [p for n, p in named if p.ndim < 2 and p.numel() > 0]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> float:
+    """Learning-rate multiplier: linear warmup, then cosine decay to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with :func:`warmup_cosine`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_ratio)
+    )
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python and torch; returns a generator for data order."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class PretrainConfig:
+    """Hyper-parameters of base pretraining."""
+
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain dict, for config.json."""
+        return asdict(self)
+
+
+def batch_iterator(
+    sequences: list, batch_size: int, pad_id: int, generator: torch.Generator
+) -> Iterator:
+    """Endless shuffled batches of (inputs, targets, target_mask) from token-id lists."""
+    while True:
+        order = torch.randperm(len(sequences), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([sequences[i] for i in order[start : start + batch_size]], pad_id)
+
+
+def collate(sequences: list, pad_id: int) -> tuple:
+    """Right-pad token-id lists into (inputs, targets, mask) for next-token prediction."""
+    width = max(len(s) for s in sequences) - 1
+    inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        n = len(seq) - 1
+        inputs[row, :n] = torch.tensor(seq[:-1])
+        targets[row, :n] = torch.tensor(seq[1:])
+        mask[row, :n] = True
+    return inputs, targets, mask
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, sequences: list, pad_id: int, batch_size: int = 64) -> float:
+    """Mean per-token NLL of ``sequences`` (every predicted token, <eos> included)."""
+    from minituner.models.minigpt import masked_token_nll
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for start in range(0, len(sequences), batch_size):
+        inputs, targets, mask = collate(sequences[start : start + batch_size], pad_id)
+        logits = model(inputs)
+        nll, n = masked_token_nll(logits, targets, mask)
+        total += float(nll)
+        count += float(n)
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+def pretrain(
+    model: nn.Module,
+    train_sequences: list,
+    val_sequences: list,
+    pad_id: int,
+    cfg: PretrainConfig,
+    on_step: Callable[[dict], None] | None = None,
+) -> list:
+    """Train ``model`` on next-token prediction; returns the log records (one per eval)."""
+    generator = seed_everything(cfg.seed)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps)
+    batches = batch_iterator(train_sequences, cfg.batch_size, pad_id, generator)
+    log, started = [], time.perf_counter()
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        inputs, targets, mask = next(batches)
+        _, loss = model(inputs, targets, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record["val_loss"] = evaluate_loss(model, val_sequences, pad_id)
+            record["val_ppl"] = math.exp(record["val_loss"])
+            record["elapsed_s"] = time.perf_counter() - started
+        log.append(record)
+        if on_step is not None:
+            on_step(record)
+    return log
+
+
+# ----------------------------------------------------------------------------- fine-tuning loop
+
+
+@dataclass
+class LoopConfig:
+    """Step counts of the generic training loop (data, model and loss live elsewhere)."""
+
+    steps: int
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    eval_every: int = 25
+    checkpoint_every: int = 50
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN/inf loss or gradient; the message names the step."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the log, the best step and where the run resumed from."""
+
+    log: list
+    best_step: int | None
+    best_metrics: dict
+    resumed_from: int | None
+
+
+def token_count(batch: dict) -> int:
+    """Target tokens of a batch: the denominator of the loss."""
+    return int(batch["target_mask"].sum())
+
+
+def _snapshot(named: list) -> dict:
+    return {n: p.detach().clone() for n, p in named}
+
+
+@torch.no_grad()
+def _restore(named: list, state: dict) -> None:
+    params = dict(named)
+    if set(params) != set(state):
+        raise ValueError("checkpoint's trainable tensors do not match the model's")
+    for name, param in params.items():
+        param.copy_(state[name])
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Callable[[int], dict],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: LoopConfig,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    writer=None,
+    on_step: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    reduce_count: Callable[[int], int] = int,
+    restore_best: bool = True,
+    reduce_loss: Callable[[float], float] = float,
+) -> FitResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps; model-agnostic and resumable.
+
+    ``batches(k)`` gives micro-batch ``k`` (a dict with at least ``target_mask``);
+    ``loss_fn(model, batch)`` returns (sum of token losses, token count). Each step divides the
+    summed loss of its ``grad_accum`` micro-batches by their total token count (passed through
+    ``reduce_count``, where a distributed run sums it over processes; ``reduce_loss`` does the
+    same for the logged summed loss). ``evaluate(model)``
+    returns metrics with ``val_loss``; the lowest keeps the best step. All files go through
+    ``writer`` (a :class:`minituner.training.checkpoint.RunWriter`). ``resume`` is a loaded
+    checkpoint.
+    """
+    from minituner.training.checkpoint import capture_rng, restore_rng
+
+    named = trainable_parameters(model)
+    log, best = [], {"step": None, "metrics": {}, "state": None}
+    start = 0
+    if resume is not None:
+        _restore(named, resume["trainable"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        restore_rng(resume["rng"])
+        start, log, best = int(resume["step"]), list(resume["log"]), dict(resume["best"])
+    model.train()
+    started = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        micro = [batches((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        total_tokens = max(1, reduce_count(sum(token_count(b) for b in micro)))
+        optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for batch in micro:
+            loss_sum, _ = loss_fn(model, batch)
+            (loss_sum / total_tokens).backward()
+            loss_total += float(loss_sum.detach())
+        loss = reduce_loss(loss_total) / total_tokens
+        _check_finite("loss", loss, step, writer)
+        if cfg.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
+            _check_finite("gradient norm", float(norm), step, writer)
+        optimizer.step()
+        scheduler.step()
+        elapsed = time.perf_counter() - started
+        record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                  "target_tokens": total_tokens, "elapsed_s": elapsed}
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics = evaluate(model)
+            record.update(metrics)
+            if best["step"] is None or metrics["val_loss"] < best["metrics"]["val_loss"]:
+                best = {"step": step, "metrics": metrics, "state": _snapshot(named)}
+        log.append(record)
+        if on_step is not None:
+            on_step(record)
+        if writer is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            writer.save_checkpoint({
+                "step": step, "trainable": _snapshot(named),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": capture_rng(), "log": log, "best": best,
+            })
+            writer.write_log(log)
+    if restore_best and best["state"] is not None:
+        _restore(named, best["state"])
+    return FitResult(log, best["step"], best["metrics"], start if resume is not None else None)
+
+
+def _check_finite(what: str, value: float, step: int, writer) -> None:
+    if math.isfinite(value):
+        return
+    last = writer.latest() if writer is not None else None
+    kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint was written yet"
+    raise NonFiniteLossError(
+        f"training stopped: {what} is {value} at step {step}; {kept} "
+        "(lower --lr or check the data)"
+    )

@@ -1,0 +1,91 @@
+"""PNG plots of training curves, written atomically (matplotlib's Agg backend, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minituner.util.files import atomic_write
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(log: list, path: str | Path, title: str = "training loss") -> Path:
+    """Plot train loss per step and validation loss where recorded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    steps = [r["step"] for r in log if "loss" in r]
+    ax.plot(steps, [r["loss"] for r in log if "loss" in r], lw=1, alpha=0.7, label="train")
+    val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    result = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return result
+
+
+def plot_loss_curves(logs: dict, path: str | Path, title: str = "fine-tuning loss") -> Path:
+    """Train (thin) and validation (dots) loss of several runs on one chart, by run name."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for index, (name, log) in enumerate(logs.items()):
+        color = f"C{index % 10}"
+        steps = [r["step"] for r in log if "loss" in r]
+        ax.plot(steps, [r["loss"] for r in log if "loss" in r], lw=0.8, alpha=0.5, color=color)
+        val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", ms=3, color=color,
+                label=f"{name} (validation)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    result = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return result
+
+
+def plot_sweep(sweep: dict, path: str | Path) -> Path:
+    """Irregular accuracy and control perplexity against rank, trainable parameters on a
+    second axis (the ranks are evenly spaced on the x axis)."""
+    plt = _pyplot()
+    ranks = sweep["ranks"]
+    xs = list(range(len(ranks)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    left.plot(xs, sweep["irregular_accuracy"], "o-", color="C0", label="irregular accuracy")
+    if sweep.get("regular_accuracy"):
+        left.plot(xs, sweep["regular_accuracy"], "s--", color="C2", label="regular accuracy")
+    left.set_ylim(0, 1.02)
+    left.set_ylabel("accuracy (held-out frames)")
+    right.plot(xs, sweep["control_ppl"], "o-", color="C3", label="control perplexity")
+    right.set_ylabel("control perplexity")
+    elbow = sweep.get("elbow_rank")
+    for ax in (left, right):
+        ax.set_xticks(xs, [str(r) for r in ranks])
+        ax.set_xlabel("LoRA rank r (0 = base)")
+        ax.grid(alpha=0.3)
+        if elbow in ranks:
+            ax.axvline(ranks.index(elbow), color="grey", ls=":", lw=1)
+        twin = ax.twinx()
+        twin.bar(xs, sweep["trainable_params"], alpha=0.15, color="grey", width=0.5)
+        twin.set_ylabel("trainable parameters (bars)")
+        lines, labels = ax.get_legend_handles_labels()
+        ax.legend(lines, labels, loc="lower right", fontsize=8)
+    fig.suptitle(f"rank sweep (elbow r = {elbow})")
+    fig.tight_layout()
+    result = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return result

@@ -1,0 +1,79 @@
+"""Crash safety: a fine-tuning run SIGKILLed at a random step and resumed ends with the same
+adapter as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from minituner.training.checkpoint import checkpoint_steps
+from minituner.util.files import load_safetensors, read_json
+
+STEPS = 24
+
+
+def command(base, out, *extra) -> list:
+    return [sys.executable, "-m", "minituner", "finetune", "--base", str(base), "--out", str(out),
+            "--steps", str(STEPS), "--batch-size", "8", "--checkpoint-every", "2",
+            "--eval-every", "5", "--threads", "1", *extra]
+
+
+def environment() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_adapter(tiny_base_run, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    kill_after = random.Random().randrange(2, STEPS - 4, 2)  # a random checkpointed step
+    child = subprocess.Popen(command(tiny_base_run, killed), env=environment(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            steps = [s for s, _ in checkpoint_steps(killed)]
+            if steps and steps[-1] >= kill_after:
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, "the run finished before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists()
+    done = subprocess.run(command(tiny_base_run, whole), env=environment(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resumed = subprocess.run(command(tiny_base_run, killed, "--resume"), env=environment(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    results = read_json(killed / "results.json")
+    assert results["resumed_from_step"] >= kill_after
+    assert len((killed / "train_log.jsonl").read_text().splitlines()) == STEPS
+    a = load_safetensors(whole / "adapter" / "adapter_model.safetensors")
+    b = load_safetensors(killed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    assert results["best_step"] == read_json(whole / "results.json")["best_step"]
+
+
+def test_resume_refuses_a_run_with_other_settings(tiny_base_run, tmp_path, capsys):
+    from minituner.cli import main
+
+    out = tmp_path / "run"
+    flags = ["finetune", "--base", str(tiny_base_run), "--out", str(out), "--steps", "2",
+             "--batch-size", "8"]
+    assert main(flags) == 0
+    capsys.readouterr()
+    assert main([*flags, "--resume", "--lr", "0.05"]) == 1
+    err = capsys.readouterr().err
+    assert "differ from the run's config.json" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
