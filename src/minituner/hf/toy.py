@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from minituner.hf.models import quiet_transformers
+from minituner.util.files import atomic_directory
+
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>", "<system>")
 WORDS = (
     "the a an and or but if then so to of in on at by for with from up down out over under "
@@ -87,8 +90,6 @@ def write_toy_model(
     """Save a random-init model (seeded) and the toy tokenizer into ``directory`` atomically."""
     from transformers import AutoModelForCausalLM
 
-    from minituner.hf.models import quiet_transformers
-    from minituner.util.files import atomic_directory
 
     config = toy_config(arch, size, dropout)
     out = Path(directory)
