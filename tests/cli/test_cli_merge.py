@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from hf_helpers import randomize_lora_b
 
 from minituner.cli import main
-from minituner.lora import lora_layers, wrap_minigpt_with_lora
+from minituner.hf.load import base_record, load_quantized_hf_model
+from minituner.lora import apply_lora, lora_layers, wrap_minigpt_with_lora
 from minituner.lora.adapters import save_adapter
 from minituner.training.runs import load_model
 
@@ -31,9 +33,11 @@ def test_minigpt_merge_writes_a_model_run(tmp_path, tiny_base_run, capsys):
 
 
 def test_hf_merge_from_the_command_line(tmp_path, toy_hf_model, capsys):
-    from test_hf_merge import trained_adapter
-
-    trained_adapter(toy_hf_model("llama"), tmp_path / "adapter", "qlora")
+    directory = toy_hf_model("llama")
+    model = apply_lora(load_quantized_hf_model(directory), "all-linear", r=4, alpha=8, seed=0)
+    randomize_lora_b(model)
+    save_adapter(model, tmp_path / "adapter", extra=base_record(directory, "qlora",
+                                                                 torch.float32))
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out",
                  str(tmp_path / "merged"), "--target", "requantized"]) == 0
     out = capsys.readouterr().out

@@ -33,7 +33,7 @@ def test_finetune_then_eval_and_generate(tmp_path, toy_hf_model, capsys):
     assert "device cpu (--device cpu), dtype fp32 (--dtype auto), processes 1" in out
     assert "-> " in out and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert main(["eval", "--model", f"hf:{model_dir}", "--adapter", str(tmp_path / "run" /
-                 "adapter"), "--json"]) == 0
+                 "adapter"), "--verb-probes", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["control_ppl"] > 1 and "irregular-past" in result["slices"]
     assert main(["generate", "--model", f"hf:{model_dir}", "--prompt", "the cat",

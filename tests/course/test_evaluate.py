@@ -127,3 +127,36 @@ def test_bad_probe_files_name_the_line(tmp_path, line, message):
     path.write_text(json.dumps(good) + "\n{oops\n")
     with pytest.raises(ValueError, match="bad.jsonl:2: invalid JSON"):
         E.load_probes(path)
+
+
+def test_control_prompt_completion_scores_from_the_blank_to_eos(base):
+    model, tokenizer = base
+    record = {"prompt": "yesterday he ___ home", "completion": "walked"}
+    sequences = E.control_sequences(tokenizer, [record, {"text": "he walks home"}])
+    ids, first = encode_completion(tokenizer, "yesterday he ___ home", "walked")
+    assert sequences[0]["ids"] == ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], dim=-1)
+    nll = -sum(float(logp[i - 1, ids[i]]) for i in range(first, len(ids)))  # <eos> included
+    whole = tokenizer.encode("he walks home", bos=True, eos=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0], dim=-1)
+    nll -= sum(float(logp[i, whole[i + 1]]) for i in range(len(whole) - 1))
+    count = (len(ids) - first) + (len(whole) - 1)
+    assert E.control_perplexity(model, tokenizer, sequences) == pytest.approx(
+        math.exp(nll / count), rel=1e-5)
+    pair = E.control_sequences(tokenizer, [{"en": "he walks", "es": "él camina"}])
+    assert [s["ids"] for s in pair] == [tokenizer.encode(t, bos=True, eos=True)
+                                        for t in ("he walks", "él camina")]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "he"}, "needs string fields 'prompt' and 'completion'"),
+    ({"words": "he walks"}, "needs 'prompt' and 'completion', 'text', or 'en' and 'es'"),
+    (["he walks"], "must be a JSON object"),
+])
+def test_bad_control_records_name_the_record(base, record, message):
+    _, tokenizer = base
+    with pytest.raises(ValueError, match="ctl.jsonl: control record 2") as info:
+        E.control_sequences(tokenizer, [{"text": "ok"}, record], "ctl.jsonl")
+    assert message in str(info.value)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
+
+from minituner.cli.runfolders import MINIGPT, add_hf_inference_flags, load_for_inference
+
+MAX_LISTED = 5  # <unk> candidates named in the warning line
 
 
 def register(subparsers) -> None:
@@ -15,58 +20,75 @@ def register(subparsers) -> None:
                     "log-prob per token from the blank to the end of the sentence.",
     )
     parser.add_argument("--model", required=True,
-                        help="run folder: a base, merged or full-FT run, or a LoRA/QLoRA run "
-                             "(its base and adapter are used)")
-    parser.add_argument("--adapter", default=None, help="adapter folder to apply")
+                        help="run folder (a Mini-GPT base, merged, full-FT or LoRA/QLoRA run, or "
+                             "a transformers fine-tuning run: its base and adapter are used), or "
+                             "hf:DIR for a transformers model")
     parser.add_argument("--probes", default=None, metavar="FILE",
-                        help="probe JSONL (default: the built-in irregular past/participle, "
-                             "regular control and mis-conjugation sets)")
+                        help="probe JSONL (default for Mini-GPT models: the built-in verb probes)")
+    parser.add_argument("--verb-probes", action="store_true",
+                        help="also score the built-in verb probes (irregular past/participle, "
+                             "regular control, mis-conjugations); Mini-GPT models score them "
+                             "unless --probes is given, transformers models only with this flag")
     parser.add_argument("--control", default=None, metavar="FILE",
-                        help='control lines for perplexity: JSONL with "text" or "en"/"es" '
-                             "(default: the built-in regular-verb control set)")
+                        help='control data for perplexity: JSONL of {"prompt", "completion"} '
+                             '(the completion tokens are scored) or {"text"} / {"en", "es"} '
+                             "(whole lines); default: the built-in regular-verb control set")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    from minituner.cli.hf_commands import add_hf_inference_flags
-
-    add_hf_inference_flags(parser)  # --device (and --adapter) for --model hf:DIR
+    add_hf_inference_flags(parser)  # --adapter, --device (transformers models)
     parser.set_defaults(func=run)
+
+
+def probes_for(args, kind: str) -> list:
+    """The probes to score: --probes, plus the built-in verb probes for Mini-GPT (unless
+    --probes is given) or when --verb-probes asks."""
+    from minituner.course.evaluate import load_builtin_probes, load_probes
+
+    probes = load_probes(args.probes) if args.probes else []
+    if args.verb_probes or (kind == MINIGPT and not args.probes):
+        probes += load_builtin_probes()
+    return probes
 
 
 def evaluate_args(args) -> dict:
     """The evaluation dict for the parsed arguments (model, adapter, probes, control)."""
     from minituner.course.corpus import read_jsonl
-    from minituner.course.data import control_texts
     from minituner.course.evaluate import (
+        BUILTIN_CONTROL,
         builtin_path,
+        control_sequences,
         evaluate_model,
-        load_builtin_probes,
-        load_probes,
     )
 
-    probes = load_probes(args.probes) if args.probes else load_builtin_probes()
-    control_file = args.control or builtin_path("control_set")
-    texts = control_texts(read_jsonl(control_file), str(control_file))
-    if str(args.model).startswith("hf:"):
-        from minituner.cli.hf_commands import load_hf_for_inference
+    model, tokenizer, kind = load_for_inference(args)
+    probes = probes_for(args, kind)
+    control_file = args.control or builtin_path(BUILTIN_CONTROL)
+    records = read_jsonl(control_file)
+    if not records:
+        raise ValueError(f"{control_file}: no control records")
+    control = control_sequences(tokenizer, records, str(control_file))
+    return evaluate_model(model, tokenizer, probes, control)
 
-        model, tokenizer = load_hf_for_inference(args)
-    else:
-        from minituner.course.loading import load_run
 
-        model, tokenizer, _ = load_run(args.model, args.adapter)
-    return evaluate_model(model, tokenizer, probes, texts)
+def warn_unk(unk: list) -> None:
+    """One stderr line for the probe candidates that contain <unk> (scored, but unreliably)."""
+    if not unk:
+        return
+    shown = ", ".join(f"line {item['line']} {item['candidate']!r}" for item in unk[:MAX_LISTED])
+    more = f" and {len(unk) - MAX_LISTED} more" if len(unk) > MAX_LISTED else ""
+    print(f"warning: {len(unk)} probe candidate(s) contain <unk> for this tokenizer ({shown}"
+          f"{more}); their scores are unreliable", file=sys.stderr)
 
 
 def run(args) -> int:
-    """Print accuracy per slice, <unk> candidates and control perplexity."""
+    """Print accuracy per slice and control perplexity; <unk> candidates go to stderr."""
     result = evaluate_args(args)
+    warn_unk(result["unk_candidates"])
     if args.json:
         keys = ("slices", "unk_candidates", "control_ppl")
         print(json.dumps({k: result[k] for k in keys}, indent=2, sort_keys=True))
         return 0
-    width = max(len(name) for name in result["slices"])
+    width = max((len(name) for name in result["slices"]), default=0)
     for name, entry in result["slices"].items():
         print(f"{name.ljust(width)}  accuracy {entry['accuracy']:.3f}  (n={entry['n']})")
     print(f"control perplexity {result['control_ppl']:.4f}")
-    for item in result["unk_candidates"]:
-        print(f"warning: line {item['line']}: candidate {item['candidate']!r} contains <unk>")
     return 0

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 from minituner.cli.common import nonneg_int, positive_int
+from minituner.cli.runfolders import add_hf_inference_flags, load_for_inference
 
 
 def register(subparsers) -> None:
     """Add the ``generate`` subcommand."""
     parser = subparsers.add_parser(
-        "generate", help="sample from a trained Mini-GPT run",
+        "generate", help="sample from a trained run (Mini-GPT or transformers)",
         description="Continue a prompt with a trained model.",
     )
     parser.add_argument("--model", default="runs/demo/base",
-                        help="run folder (a base, merged, full-FT or LoRA/QLoRA run), or hf:DIR "
-                             "for a transformers model; --adapter DIR applies an adapter")
+                        help="run folder (a Mini-GPT base, merged, full-FT or LoRA/QLoRA run, or "
+                             "a transformers fine-tuning run), or hf:DIR for a transformers "
+                             "model; --adapter DIR applies an adapter")
     parser.add_argument("--prompt", default="yesterday he", help="text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=20)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--num-samples", type=positive_int, default=1)
     parser.add_argument("--seed", type=nonneg_int, default=0)
-    from minituner.cli.hf_commands import add_hf_inference_flags
-
-    add_hf_inference_flags(parser)  # --adapter, --device for --model hf:DIR
+    add_hf_inference_flags(parser)  # --adapter, --device (transformers models)
     parser.set_defaults(func=run)
 
 
@@ -53,15 +53,7 @@ def generate_text(model, tokenizer, prompt: str, args) -> list:
 
 def run(args) -> int:
     """Print one line per sample."""
-    from minituner.course.loading import load_run
-    from minituner.hf.models import is_hf_spec
-
-    if is_hf_spec(args.model):  # a transformers model directory (hf:DIR)
-        from minituner.cli.hf_commands import load_hf_for_inference
-
-        model, tokenizer = load_hf_for_inference(args)
-    else:
-        model, tokenizer, _ = load_run(args.model, getattr(args, "adapter", None))
+    model, tokenizer, _ = load_for_inference(args)
     for text in generate_text(model, tokenizer, args.prompt, args):
         print(text)
     return 0

@@ -1,8 +1,8 @@
-"""The ``hf:DIR`` side of ``finetune``, ``merge``, ``eval`` and ``generate``.
+"""The ``hf:DIR`` side of ``finetune`` (``eval``, ``generate`` and ``merge``: cli/runfolders.py).
 
-Not a command of its own: the Mini-GPT commands add these flags with ``add_hf_*_flags`` (a flag
-the command already has is left as it is) and hand an ``--model hf:DIR`` invocation to the
-``run_hf_*`` handlers here.
+Not a command of its own: ``finetune`` adds these flags with ``add_hf_finetune_flags`` (a flag
+the command already has is left as it is) and hands an ``--model hf:DIR`` invocation to
+``run_hf_finetune_command``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minituner.cli.common import nonneg_int, positive_float, positive_int
+from minituner.cli.common import positive_float, positive_int
 
 
 def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
@@ -120,58 +120,3 @@ def run_hf_finetune_command(args) -> int:
               + (f", best val loss {best:.4f} at step {results['best_step']}" if best else "")
               + f" -> {args.out}/adapter")
     return 0
-
-
-def add_hf_merge_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``merge --model hf:DIR --adapter DIR --out DIR``."""
-    _add(parser, "--model", metavar="hf:DIR", help="transformers base (default: the adapter's)")
-    _add(parser, "--adapter", metavar="DIR", help="adapter directory (PEFT layout)")
-    _add(parser, "--out", metavar="DIR", help="output transformers directory")
-    _add(parser, "--target", choices=("dequantized", "requantized"), default=None,
-         help="dequantized: float weights (default); requantized: NF4, bitsandbytes layout")
-    _add(parser, "--overwrite", action="store_true")
-    _add(parser, "--device", default="cpu", help="cpu (default) or cuda")
-
-
-def run_hf_merge_command(args) -> int:
-    """Merge and print the report's numbers."""
-    from minituner.hf.merge import merge_hf_adapter
-    from minituner.hf.models import resolve_device
-
-    if not args.adapter or not args.out:
-        raise ValueError("merge of an hf: model needs --adapter DIR and --out DIR")
-    report = merge_hf_adapter(args.model, args.adapter, args.out, target=args.target,
-                              device=resolve_device(args.device), overwrite=args.overwrite)
-    memory, reloaded = report["merged_in_memory"], report["reloaded_from_directory"]
-    print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
-          f"diff| vs the unmerged adapter: {memory['max_abs_diff']:.3g} in memory, "
-          f"{reloaded['max_abs_diff']:.3g} after reloading (report: {args.out}/merge_report.json)")
-    return 0
-
-
-def load_hf_for_inference(args):
-    """(ModelView, TokenizerView) of --model hf:DIR, with --adapter applied when given."""
-    from minituner.hf.load import load_base
-    from minituner.hf.merge import adapter_base_record
-    from minituner.hf.models import load_hf_tokenizer, resolve_device
-    from minituner.hf.views import hf_views
-
-    device = resolve_device(getattr(args, "device", "cpu") or "cpu")
-    adapter = getattr(args, "adapter", None)
-    if adapter:
-        from minituner.lora.adapters import load_adapter
-
-        record = adapter_base_record(adapter, args.model)
-        model = load_adapter(load_base(record, device=device, path=args.model), adapter)
-    else:
-        from minituner.hf.models import load_hf_model
-
-        model = load_hf_model(args.model, device=device)
-    return hf_views(model.eval(), load_hf_tokenizer(args.model))
-
-
-def add_hf_inference_flags(parser: argparse.ArgumentParser) -> None:
-    """--adapter and --device for ``eval`` / ``generate`` of an hf: model."""
-    _add(parser, "--adapter", metavar="DIR", help="adapter to apply to an hf: model")
-    _add(parser, "--device", default="cpu", help="cpu (default) or cuda")
-    _add(parser, "--seed", type=nonneg_int, default=0)

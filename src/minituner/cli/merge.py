@@ -1,12 +1,22 @@
 """``minituner merge``: fold an adapter into its base and write a model you can load alone.
 
 A Mini-GPT run (``--model RUN``, a LoRA/QLoRA run folder or a base with ``--adapter``) becomes a
-model run folder; a transformers base (``--model hf:DIR``) becomes a transformers directory
-that ``AutoModelForCausalLM.from_pretrained`` loads. Both report how far the merged model's
-logits are from the unmerged adapter model's.
+model run folder; a transformers fine-tuning run folder, or a transformers base (``--model
+hf:DIR``) with ``--adapter``, becomes a transformers directory that
+``AutoModelForCausalLM.from_pretrained`` loads. Both report how far the merged model's logits
+are from the unmerged adapter model's.
 """
 
 from __future__ import annotations
+
+from minituner.cli.runfolders import (
+    MINIGPT,
+    add_hf_merge_flags,
+    check_flags,
+    is_hf_spec,
+    read_run_folder,
+    run_hf_merge_command,
+)
 
 
 def register(subparsers) -> None:
@@ -18,31 +28,37 @@ def register(subparsers) -> None:
                     "(outputs move; the report says how far).",
     )
     parser.add_argument("--model", default=None,
-                        help="Mini-GPT run folder, or hf:DIR (default for an hf adapter: the "
-                             "base it records)")
+                        help="run folder (Mini-GPT or transformers), or hf:DIR (default for a "
+                             "transformers adapter: the base it records)")
     parser.add_argument("--adapter", default=None, help="adapter folder (PEFT layout)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--target", choices=("dequantized", "requantized"), default=None,
                         help="dequantized (default) or requantized")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    from minituner.cli.hf_commands import add_hf_merge_flags
-
     add_hf_merge_flags(parser)  # --device for transformers models
     parser.set_defaults(func=run)
 
 
-def _is_hf(args) -> bool:
+def _transformers_merge(args) -> tuple | None:
+    """(base spec or None, adapter) when the merge is of a transformers model, else None."""
     from minituner.hf.merge import recorded_hf_base
-    from minituner.hf.models import is_hf_spec
 
-    if args.model is not None:
-        return is_hf_spec(args.model)
-    if args.adapter is None:
-        raise ValueError("merge needs --model (a run folder or hf:DIR), --adapter, or both")
-    if recorded_hf_base(args.adapter) is None:
-        raise ValueError(f"--model: {args.adapter} does not record a transformers base; give "
-                         "the base (a Mini-GPT run folder or hf:DIR)")
-    return True
+    if args.model is None:
+        if args.adapter is None:
+            raise ValueError("merge needs --model (a run folder or hf:DIR), --adapter, or both")
+        if recorded_hf_base(args.adapter) is None:
+            raise ValueError(f"--model: {args.adapter} does not record a transformers base; "
+                             "give the base (a Mini-GPT run folder or hf:DIR)")
+        return None, args.adapter
+    if is_hf_spec(args.model):
+        return args.model, args.adapter
+    run = read_run_folder(args.model)
+    check_flags(args, run.model_kind)
+    if run.model_kind == MINIGPT:
+        return None
+    from minituner.hf.inference import run_adapter_dir
+
+    return None, args.adapter or run_adapter_dir(run.path)
 
 
 def merge_minigpt(args) -> dict:
@@ -77,10 +93,9 @@ def merge_minigpt(args) -> dict:
 
 def run(args) -> int:
     """Merge, write, print the drift."""
-    if _is_hf(args):
-        from minituner.cli.hf_commands import run_hf_merge_command
-
-        return run_hf_merge_command(args)
+    transformers = _transformers_merge(args)
+    if transformers is not None:
+        return run_hf_merge_command(args, *transformers)
     report = merge_minigpt(args)
     print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
           f"diff| vs the unmerged model {report['max_abs_diff']:.3g}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from minituner.cli.runfolders import TRANSFORMERS, read_run_folder
+
 
 def register(subparsers) -> None:
     """Add the ``report`` subcommand."""
@@ -14,11 +16,28 @@ def register(subparsers) -> None:
                     "number is read from the folders' JSON files.",
     )
     parser.add_argument("folders", nargs="+", metavar="RUN_DIR",
-                        help="fine-tuning runs, sweep folders, experiment folders or bases")
+                        help="fine-tuning runs (Mini-GPT or transformers), sweep folders, "
+                             "experiment folders or bases")
     parser.add_argument("--out", default=None,
                         help="report path (default: REPORT.md in the folders' common parent "
                              "folder, or in the folder itself when only one is given)")
     parser.set_defaults(func=run)
+
+
+def split_transformers_runs(folders: list) -> tuple:
+    """(other folders, transformers run folders), told apart by each run's config.json."""
+    others, transformers = [], []
+    for folder in map(Path, folders):
+        summary = (folder / "sweep.json").is_file() or (folder / "experiment.json").is_file()
+        if not summary and (folder / "config.json").is_file() and \
+                read_run_folder(folder).model_kind == TRANSFORMERS:
+            if not (folder / "results.json").is_file():
+                raise ValueError(f"{folder / 'results.json'}: not found (the run has not "
+                                 "finished)")
+            transformers.append(folder)
+        else:
+            others.append(folder)
+    return others, transformers
 
 
 def run(args) -> int:
@@ -33,5 +52,6 @@ def run(args) -> int:
     else:  # the folders' common parent (the folder itself when only one is given)
         out = Path(os.path.commonpath([str(Path(f).resolve()) for f in args.folders]))
         out = out / "REPORT.md"
-    print(f"report -> {write_report(args.folders, out)}")
+    others, transformers = split_transformers_runs(args.folders)
+    print(f"report -> {write_report(others, out, transformers_runs=transformers)}")
     return 0

@@ -14,21 +14,28 @@ tokens that lie wholly in the prefix, so every character of the candidate is sco
 prediction is the highest score; a probe is correct only when its answer beats every other
 candidate strictly (a tie is wrong). Candidates that tokenise to <unk> are reported.
 
-Control perplexity: exp of the mean next-token NLL over whole control lines (<bos> line <eos>),
-every predicted token counted, <eos> included, <bos> never predicted.
+Control perplexity: exp of the mean next-token NLL per scored token. A text control line
+(<bos> line <eos>) scores every predicted token, <eos> included, <bos> never predicted; a
+prompt/completion record scores the completion's tokens (from the blank to <eos>), as in
+fine-tuning. The loop is :func:`minituner.training.evaluation.masked_nll_sum`.
 """
 
 from __future__ import annotations
 
-import math
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from minituner.course import corpus
-from minituner.course.data import BLANK, encode_completion
-from minituner.models.minigpt import masked_token_nll
+from minituner.course.data import (
+    BLANK,
+    collate_sequences,
+    completion_sequence,
+    encode_completion,
+    text_sequence,
+)
+from minituner.training.evaluation import masked_nll_sum, perplexity
 
 BUILTIN_PROBES = ("irregular_past", "irregular_participle", "regular_control", "misconjugation")
 BUILTIN_CONTROL = "control_set"  # probes/control_set.jsonl: control lines, not probes
@@ -85,8 +92,6 @@ def load_builtin_probes(names=BUILTIN_PROBES) -> list:
 @torch.no_grad()
 def sequence_logprobs(model, sequences: list, pad_id: int, batch_size: int = 256) -> list:
     """Per-sequence list of log p(token_t | tokens_<t) for t = 1..len-1, in batches."""
-    from minituner.course.data import collate_sequences
-
     was_training = model.training
     model.eval()
     out = []
@@ -166,34 +171,63 @@ def pooled_accuracy(slices: dict, names) -> float | None:
     return sum(s["accuracy"] * s["n"] for s in picked) / total
 
 
-@torch.no_grad()
-def control_perplexity(model, tokenizer, texts: list, batch_size: int = 128) -> float:
-    """exp(mean NLL per token) over whole lines: <eos> predicted and counted, <bos> not."""
-    from minituner.course.data import collate_sequences, text_sequence
+def control_sequences(tokenizer, records: list, source: str = "control set") -> list:
+    """Encoded control records: a prompt/completion record scores its completion tokens, a
+    "text" record (or an "en"/"es" pair) every token of its line(s)."""
+    sequences = []
+    for number, record in enumerate(records, start=1):
+        where = f"{source}: control record {number}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} must be a JSON object, got {type(record).__name__}")
+        if "prompt" in record or "completion" in record:
+            prompt, completion = record.get("prompt"), record.get("completion")
+            if not isinstance(prompt, str) or not isinstance(completion, str) or not completion:
+                raise ValueError(f"{where} needs string fields 'prompt' and 'completion' (non-"
+                                 "empty)")
+            try:
+                sequences.append(completion_sequence(tokenizer, prompt, completion))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        elif isinstance(record.get("text"), str):
+            sequences.append(text_sequence(tokenizer, record["text"]))
+        elif isinstance(record.get("en"), str) and isinstance(record.get("es"), str):
+            sequences += [text_sequence(tokenizer, record[k]) for k in ("en", "es")]
+        else:
+            raise ValueError(f"{where} needs 'prompt' and 'completion', 'text', or 'en' and "
+                             "'es'")
+    return sequences
 
-    if not texts:
+
+def sequences_perplexity(model, sequences: list, pad_id: int, batch_size: int = 128) -> float:
+    """exp(mean NLL per scored token) of encoded sequences ({"ids", "mask"} each)."""
+    if not sequences:
         raise ValueError("control set is empty")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    sequences = [text_sequence(tokenizer, t) for t in texts]
-    for start in range(0, len(sequences), batch_size):
-        batch = collate_sequences(sequences[start : start + batch_size], tokenizer.pad_id)
-        nll, n = masked_token_nll(model(batch["input_ids"]), batch["targets"],
-                                  batch["target_mask"])
-        total += float(nll)
-        count += float(n)
-    model.train(was_training)
-    return math.exp(total / count)
+    batches = (collate_sequences(sequences[start : start + batch_size], pad_id)
+               for start in range(0, len(sequences), batch_size))
+    return perplexity(*masked_nll_sum(model, batches))
 
 
-def evaluate_model(model, tokenizer, probes: list, control_texts: list) -> dict:
-    """Slices, <unk> candidates, control perplexity, and pooled irregular/regular accuracy."""
-    slices = slice_accuracy(score_probes(model, tokenizer, probes))
+def control_perplexity(model, tokenizer, control: list, batch_size: int = 128) -> float:
+    """Control perplexity of text lines (<eos> predicted and counted, <bos> not) or of
+    sequences from :func:`control_sequences` (a list may mix both)."""
+    if not control:
+        raise ValueError("control set is empty")
+    sequences = [text_sequence(tokenizer, item) if isinstance(item, str) else item
+                 for item in control]
+    return sequences_perplexity(model, sequences, tokenizer.pad_id, batch_size)
+
+
+def evaluate_model(model, tokenizer, probes: list, control: list) -> dict:
+    """Slices, <unk> candidates, control perplexity, and pooled irregular/regular accuracy.
+
+    ``probes`` may be empty (no slices); ``control`` holds text lines or encoded sequences
+    (see :func:`control_perplexity`).
+    """
+    slices = slice_accuracy(score_probes(model, tokenizer, probes)) if probes else {}
     return {
         "slices": slices,
         "unk_candidates": unk_candidates(tokenizer, probes),
-        "control_ppl": control_perplexity(model, tokenizer, control_texts),
+        "control_ppl": control_perplexity(model, tokenizer, control),
         "irregular_accuracy": pooled_accuracy(slices, IRREGULAR_SLICES),
         "regular_accuracy": pooled_accuracy(slices, (REGULAR_SLICE,)),
     }

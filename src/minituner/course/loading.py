@@ -11,6 +11,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from minituner.course.finetune import load_base
+from minituner.lora.adapters import base_fingerprint, load_adapter
+from minituner.quant import DEFAULT_QUANT_SCHEME
+from minituner.quant.qlora import wrap_minigpt_qlora
 from minituner.training.runs import load_run_config
 from minituner.util.files import read_json
 
@@ -23,7 +27,7 @@ def _adapter_settings(adapter_dir: Path) -> dict:
     config = read_json(adapter_dir / ADAPTER_CONFIG, "adapter config")
     section = config.get("minituner") or {}
     run_config = adapter_dir.parent / "config.json"
-    scheme = "nf4_per_group_64"
+    scheme = DEFAULT_QUANT_SCHEME
     if run_config.is_file():
         scheme = (read_json(run_config).get("finetune") or {}).get("quant_scheme", scheme)
     return {
@@ -36,8 +40,6 @@ def _adapter_settings(adapter_dir: Path) -> dict:
 
 def attach_adapter(model, adapter_dir) -> tuple:
     """(model with the adapter, "lora" | "qlora"); refuses an adapter from another base."""
-    from minituner.lora.adapters import base_fingerprint, load_adapter
-
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: adapter folder not found")
@@ -45,8 +47,6 @@ def attach_adapter(model, adapter_dir) -> tuple:
     saved = settings["fingerprint"]
     if saved is None or saved == base_fingerprint(model):
         return load_adapter(model, adapter_dir), "lora"
-    from minituner.quant.qlora import wrap_minigpt_qlora
-
     targets = settings["targets"]
     extra = {"target_modules": targets} if isinstance(targets, (list, str)) else {}
     quantized = wrap_minigpt_qlora(copy.deepcopy(model), r=int(settings["r"]),
@@ -62,8 +62,6 @@ def attach_adapter(model, adapter_dir) -> tuple:
 
 def load_run(run_dir, adapter=None) -> tuple:
     """(model, tokenizer, description) for a model run, a full-FT run or a LoRA/QLoRA run."""
-    from minituner.course.finetune import load_base
-
     run = Path(run_dir)
     config = load_run_config(run)
     if config.get("kind") == "finetune" and config.get("method") in ("lora", "qlora"):

@@ -1,8 +1,10 @@
 """REPORT.md from run folders: tables and PNG plots, every number read from the run files.
 
-Accepted folders: a fine-tuning run (config.json + results.json), a sweep (sweep.json), an
-experiment (experiment.json, which brings its runs, ablation, sweep and QLoRA run), or a base
-run (its pretraining results).
+Accepted folders: a Mini-GPT fine-tuning run (config.json + results.json), a sweep
+(sweep.json), an experiment (experiment.json, which brings its runs, ablation, sweep and QLoRA
+run), or a base run (its pretraining results). Transformers fine-tuning runs are given
+separately (``transformers_runs``; the CLI tells them apart by their config.json) and get a
+table of their own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 
 from minituner.course.finetune import DEFAULT_STEPS
 from minituner.util.files import atomic_write_text, read_json
+from minituner.util.plots import plot_loss_curves
+
+RUN_KINDS = {"finetune": "runs", "pretrain": "bases"}  # Mini-GPT config.json kinds read here
 
 
 def _load(path: Path) -> dict:
@@ -25,6 +30,10 @@ def _pct(value) -> str:
 
 def _acc(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _num(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _mib(value) -> str:
@@ -60,7 +69,10 @@ def classify(folders) -> dict:
             found["sweeps"].append(folder)
         elif (folder / "results.json").is_file() and (folder / "config.json").is_file():
             kind = _load(folder / "config.json").get("kind")
-            found["runs" if kind == "finetune" else "bases"].append(folder)
+            if kind not in RUN_KINDS:
+                raise ValueError(f"{folder / 'config.json'}: field 'kind' is {kind!r}; the "
+                                 f"report reads Mini-GPT runs of kind {', '.join(RUN_KINDS)}")
+            found[RUN_KINDS[kind]].append(folder)
         else:
             raise ValueError(f"{folder}: not a run, sweep or experiment folder (no results.json, "
                              "sweep.json or experiment.json)")
@@ -243,11 +255,44 @@ def experiment_sections(exp_dir: Path, rel) -> list:
     return lines + [""]
 
 
-def write_report(folders, out_path) -> Path:
-    """Write REPORT.md (and loss_curves.png beside it) for the given folders."""
-    from minituner.util.plots import plot_loss_curves
+def transformers_section(runs: list, rel) -> list:
+    """Markdown lines: one row per transformers fine-tuning run, and its command."""
+    lines = ["## Transformers runs", "",
+             "| run | base | method | r | alpha | steps | final loss | best val loss (step) | "
+             "best val ppl | trainable | target tokens/s | wall s |", "|" + "---|" * 12]
+    commands = []
+    for run in runs:
+        res, config = _load(run / "results.json"), _load(run / "config.json")
+        base = (config.get("base") or {}).get("path", "?")
+        best = res.get("best_val_loss")
+        best_text = "n/a" if best is None else f"{best:.4f} ({res.get('best_step')})"
+        trainable = res.get("trainable_params")
+        lines.append(
+            f"| {rel(run)} | {Path(base).name} | {res.get('method')} | {res.get('rank')} | "
+            f"{_num(res.get('alpha'), 'g')} | {res.get('steps')} | "
+            f"{_num(res.get('final_loss'))} | {best_text} | {_num(res.get('best_val_ppl'))} | "
+            f"{'n/a' if trainable is None else f'{trainable:,}'} | "
+            f"{_num(res.get('target_tokens_per_s'), '.1f')} | {_num(res.get('wall_s'), '.1f')} |")
+        commands.append(hf_command_of(run, config))
+    return lines + ["", "Commands:", ""] + [f"- `{c}`" for c in commands] + [""]
 
+
+def hf_command_of(run_dir: Path, config: dict) -> str:
+    """The ``minituner finetune`` command of a transformers run (from its config.json)."""
+    ft = config.get("finetune") or {}
+    base = (config.get("base") or {}).get("path", ft.get("model", "?"))
+    parts = [f"minituner finetune --model hf:{base} --data {ft.get('data')}",
+             f"--method {ft.get('method')} --rank {ft.get('rank')} --alpha {ft.get('alpha')}"]
+    parts.append(f"--epochs {ft['epochs']:g}" if ft.get("epochs") else f"--steps {ft.get('steps')}")
+    parts.append(f"--batch-size {ft.get('batch_size')} --lr {ft.get('lr')} --seed {ft.get('seed')} "
+                 f"--out {run_dir}")
+    return " ".join(parts)
+
+
+def write_report(folders, out_path, transformers_runs=()) -> Path:
+    """Write REPORT.md (and loss_curves.png beside it) for the given folders."""
     out_path = Path(out_path)
+    transformers_runs = [Path(r) for r in transformers_runs]
     found = classify(folders)
     runs, sweeps = list(found["runs"]), list(found["sweeps"])
     for exp_dir in found["experiments"]:
@@ -271,10 +316,15 @@ def write_report(folders, out_path) -> Path:
                   f"{res['test_ppl']:.4f}, {res['params']:,} parameters.", ""]
     for exp_dir in found["experiments"]:
         lines += experiment_sections(exp_dir, rel)
-    if runs:
+    if runs or transformers_runs:
         logs = {rel(r): [json.loads(x) for x in (r / "train_log.jsonl").read_text().splitlines()]
-                for r in runs}
+                for r in runs + transformers_runs}
         plot_loss_curves(logs, out_path.parent / "loss_curves.png")
+    if transformers_runs:
+        lines += transformers_section(transformers_runs, rel)
+        if not runs:
+            lines += ["![loss curves](loss_curves.png)", ""]
+    if runs:
         lines += ["## Runs", ""] + runs_table(runs, rel) + ["", "### Accuracy per probe slice",
                                                              ""] + slices_table(runs, rel)
         lines += tense_table(runs, rel)

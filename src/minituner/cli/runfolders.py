@@ -1,0 +1,154 @@
+"""What ``--model`` names, and loading it for ``eval``, ``generate`` and ``merge``.
+
+``--model`` is a transformers model directory (``hf:DIR``) or a run folder. A run folder's
+config.json says which kind of model it holds; :func:`read_run_folder` is the one place that
+reads it, and the commands dispatch on its answer: a Mini-GPT run goes to
+:mod:`minituner.course.loading`, a transformers run (its recorded base plus its adapter) to
+:mod:`minituner.hf.inference`. This choice lives in the CLI because the ``course`` and ``hf``
+packages never import each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from minituner.cli.common import nonneg_int
+from minituner.util.files import read_json
+
+HF_PREFIX = "hf:"
+MINIGPT, TRANSFORMERS = "Mini-GPT", "transformers"
+RUN_FORMAT = 1  # the newest run-folder format this minituner reads (absent = 1)
+RUN_KINDS = {"pretrain": MINIGPT, "finetune": MINIGPT, "merged": MINIGPT,
+             "finetune-hf": TRANSFORMERS}
+TRANSFORMERS_ONLY_FLAGS = ("device",)  # flags a Mini-GPT model has no use for
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder, the model kind it holds (MINIGPT or TRANSFORMERS) and its config.json."""
+
+    path: Path
+    model_kind: str
+    kind: str
+    config: dict
+
+
+def read_run_folder(path: str | Path) -> RunFolder:
+    """Read a run folder's config.json and say which kind of model it holds.
+
+    An unknown ``kind`` or a ``format`` newer than :data:`RUN_FORMAT` is a one-line ValueError
+    naming the file and the field.
+    """
+    run = Path(path)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: run folder not found")
+    file = run / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{run}: not a run folder (no config.json)")
+    config = read_json(file, "run config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: must hold a JSON object")
+    version = config.get("format", RUN_FORMAT)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= RUN_FORMAT:
+        raise ValueError(f"{file}: field 'format' is {version!r}; this minituner reads run "
+                         f"folders of format 1 to {RUN_FORMAT} (a newer minituner wrote it?)")
+    kind = config.get("kind")
+    if kind not in RUN_KINDS:
+        raise ValueError(f"{file}: field 'kind' is {kind!r}, not a run this minituner knows "
+                         f"({', '.join(RUN_KINDS)})")
+    return RunFolder(run, RUN_KINDS[kind], kind, config)
+
+
+def is_hf_spec(spec) -> bool:
+    """True for ``--model hf:DIR``."""
+    return isinstance(spec, str) and spec.startswith(HF_PREFIX)
+
+
+def model_kind(spec) -> str:
+    """MINIGPT or TRANSFORMERS for a ``--model`` value (hf:DIR or a run folder)."""
+    return TRANSFORMERS if is_hf_spec(spec) else read_run_folder(spec).model_kind
+
+
+def check_flags(args, kind: str) -> None:
+    """Refuse, in one line, a flag the model kind cannot use (flags left unset are None)."""
+    if kind != MINIGPT:
+        return
+    for name in TRANSFORMERS_ONLY_FLAGS:
+        if getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag}: not used by a {MINIGPT} model ({args.model} holds one; "
+                             "it runs on the CPU); the flag is for transformers models")
+
+
+def device_of(args) -> str:
+    """The --device a transformers model is loaded on (cpu when not given)."""
+    return getattr(args, "device", None) or "cpu"
+
+
+def load_for_inference(args) -> tuple:
+    """(model, tokenizer, model kind) of --model (and --adapter) for eval and generate."""
+    kind = model_kind(args.model)
+    check_flags(args, kind)
+    adapter = getattr(args, "adapter", None)
+    if kind == MINIGPT:
+        from minituner.course.loading import load_run
+
+        model, tokenizer, _ = load_run(args.model, adapter)
+        return model, tokenizer, kind
+    from minituner.hf.inference import inference_views, run_inference_views
+    from minituner.hf.models import resolve_device
+
+    device = resolve_device(device_of(args))
+    if is_hf_spec(args.model):
+        model, tokenizer = inference_views(args.model, adapter, device)
+    else:
+        model, tokenizer = run_inference_views(args.model, adapter, device)
+    return model, tokenizer, kind
+
+
+def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
+    """Add a flag unless the parser already has it (the command's own flag wins)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_hf_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """--adapter, --device and --seed of ``eval`` / ``generate``."""
+    _add(parser, "--adapter", metavar="DIR", help="adapter to apply (instead of a run's own)")
+    _add(parser, "--device", default=None,
+         help="transformers models: auto, cpu (default) or cuda[:N]")
+    _add(parser, "--seed", type=nonneg_int, default=0)
+
+
+def add_hf_merge_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``merge`` for transformers models (hf:DIR or a transformers run folder)."""
+    _add(parser, "--model", metavar="hf:DIR", help="transformers base (default: the adapter's)")
+    _add(parser, "--adapter", metavar="DIR", help="adapter directory (PEFT layout)")
+    _add(parser, "--out", metavar="DIR", help="output transformers directory")
+    _add(parser, "--target", choices=("dequantized", "requantized"), default=None,
+         help="dequantized: float weights (default); requantized: NF4, bitsandbytes layout")
+    _add(parser, "--overwrite", action="store_true")
+    _add(parser, "--device", default=None,
+         help="transformers models: cpu (default), cuda or cuda:N")
+
+
+def run_hf_merge_command(args, model_spec: str | None, adapter) -> int:
+    """Merge ``adapter`` into its transformers base and print the report's numbers."""
+    from minituner.hf.merge import merge_hf_adapter
+    from minituner.hf.models import resolve_device
+
+    if not adapter or not args.out:
+        raise ValueError("merge of a transformers model needs --adapter DIR (or a transformers "
+                         "run folder) and --out DIR")
+    report = merge_hf_adapter(model_spec, adapter, args.out, target=args.target,
+                              device=resolve_device(device_of(args)),
+                              overwrite=args.overwrite)
+    memory, reloaded = report["merged_in_memory"], report["reloaded_from_directory"]
+    print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
+          f"diff| vs the unmerged adapter: {memory['max_abs_diff']:.3g} in memory, "
+          f"{reloaded['max_abs_diff']:.3g} after reloading (report: {args.out}/merge_report.json)")
+    return 0
