@@ -13,6 +13,7 @@ from minituner.hf.load import base_record, load_quantized_hf_model
 from minituner.hf.merge import merge_hf_adapter
 from minituner.lora import apply_lora
 from minituner.lora.adapters import save_adapter
+from minituner.quant.qlora import quantization_summary
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,7 +57,7 @@ def test_requantized_merge_is_nf4_and_reports_the_drift(tmp_path, toy_hf_model):
     drift = report["reloaded_from_directory"]["max_abs_diff"]
     assert 0 < drift and report["merged_in_memory"]["max_abs_diff"] == pytest.approx(drift)
     back = load_quantized_hf_model(tmp_path / "nf4")
-    assert back.quantization["prequantized"]
+    assert quantization_summary(back)["prequantized"]
     moved = float((logits_of(back, token_batch()) - expected).abs().max())
     assert 0 < moved < 1.0  # re-rounding every weight to NF4 moves logits, but not far
 

@@ -14,7 +14,7 @@ from minituner.hf.save import export_state_dict, save_hf_model
 from minituner.lora import apply_lora, is_fan_in_fan_out, lora_layers
 from minituner.lora.adapters import load_adapter, save_adapter
 from minituner.quant.nf4 import quantize_nf4
-from minituner.quant.qlora import QuantizedLinear
+from minituner.quant.qlora import QuantizedLinear, quantization_summary
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -154,7 +154,8 @@ def test_bitsandbytes_quantized_model_loads_in_minituner(arch, tmp_path, toy_hf_
     expected = bnb_logits(reference, ids)
     reference.save_pretrained(str(tmp_path / "bnb"))
     model = load_quantized_hf_model(tmp_path / "bnb")
-    assert model.quantization["prequantized"] and model.quantization["double_quant"]
+    summary = quantization_summary(model)
+    assert summary["prequantized"] and summary["double_quant"]
     assert (logits_of(model, ids) - expected).abs().max() < 1e-5
     ours = export_state_dict(model)
     theirs = reference.state_dict()

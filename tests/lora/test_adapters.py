@@ -17,6 +17,7 @@ from minituner.lora import (
     lora_layers,
     lora_state_dict,
     merge_lora,
+    model_lora_config,
     wrap_minigpt_with_lora,
 )
 from minituner.lora.adapters import base_fingerprint, load_adapter, save_adapter
@@ -155,7 +156,9 @@ def test_round_trip_into_plain_and_wrapped_models(tmp_path):
         assert torch.equal(plain.eval()(x), expected)
     wrapped = wrap_minigpt_with_lora(base_model(0), r=4, alpha=1.0, rank_pattern={"fc1": 2})
     load_adapter(wrapped, tmp_path)
-    assert wrapped.lora_config["alpha"] == 8.0 and wrapped.lora_config["use_rslora"] is True
+    config = model_lora_config(wrapped)
+    assert config.alpha == 8.0 and config.use_rslora is True
+    assert all(layer.config is config for _, layer in lora_layers(wrapped))
     with torch.no_grad():
         assert torch.equal(wrapped.eval()(x), expected)
 
@@ -324,3 +327,13 @@ def test_minituner_reads_peft_adapter(tmp_path, peft, use_rslora):
     with torch.no_grad():
         torch.testing.assert_close(model(x), peft_model(x), rtol=0, atol=1e-6)
         assert (model(x) - base_model(0)(x)).abs().max() > 1e-3  # the adapter is not a no-op
+
+
+def test_lora_config_survives_save_and_load(tmp_path):
+    model = adapted_model(r=4, alpha=8.0, use_rslora=True, rank_pattern={"fc1": 2},
+                          init="kaiming")
+    saved = model_lora_config(model)
+    save_adapter(model, tmp_path)
+    loaded = model_lora_config(load_adapter(base_model(0), tmp_path))
+    assert loaded.to_dict() == {**saved.to_dict(), "seed": None}  # the seed is not a weight
+    assert loaded.rank_pattern == {"fc1": 2} and loaded.init == "kaiming"

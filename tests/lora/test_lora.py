@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -12,11 +11,14 @@ import torch.nn as nn
 
 from minituner.lora import (
     MINIGPT_TARGETS,
+    FrozenBase,
+    LoRAConfig,
     LoRALinear,
     MergeReport,
     apply_lora,
     count_lora_params,
     disable_adapters,
+    frozen_base,
     load_lora_state_dict,
     lora_layers,
     lora_param_table,
@@ -24,6 +26,7 @@ from minituner.lora import (
     lora_state_dict,
     merge_and_unload,
     merge_lora,
+    model_lora_config,
     suffix_matches,
     unmerge_lora,
     wrap_minigpt_with_lora,
@@ -322,7 +325,7 @@ def test_all_linear_excludes_heads():
         "body.0", "body.1"]
     model = apply_lora(make_model(), "all-linear", r=8)
     assert count_lora_params(model) == 18_432
-    assert model.lora_config["target_modules"] == "all-linear"
+    assert model_lora_config(model).target_modules == "all-linear"
 
 
 def test_rank_and_alpha_patterns_and_config_record():
@@ -332,7 +335,7 @@ def test_rank_and_alpha_patterns_and_config_record():
     assert model.blocks[0].mlp.fc2.r == 4
     assert model.blocks[1].attn.q_proj.scaling == 3.0 / 4
     assert model.blocks[0].attn.q_proj.scaling == 2.0
-    assert model.lora_config == {
+    assert model_lora_config(model).to_dict() == {
         "r": 4, "alpha": 8.0, "dropout": 0.0, "init": "gaussian", "use_rslora": False,
         "target_modules": list(MINIGPT_TARGETS), "rank_pattern": {"fc1": 2},
         "alpha_pattern": {"blocks.1.attn.q_proj": 3.0}, "seed": None,
@@ -417,7 +420,7 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs():
     with torch.no_grad():
         adapted = model(x)
     plain = merge_and_unload(model)
-    assert plain is model and not lora_layers(plain) and not hasattr(plain, "lora_config")
+    assert plain is model and not lora_layers(plain) and model_lora_config(plain) is None
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert type(getattr(plain.blocks[0].attn, name)) is nn.Linear
     assert type(plain.blocks[1].mlp.fc1) is nn.Linear
@@ -426,24 +429,90 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs():
         assert (plain(x) - adapted).abs().max() <= 1e-5
 
 
-def test_quantized_base_merge_is_delegated(monkeypatch):
-    calls = []
+class HalfBase(nn.Module):
+    """A base that declares FrozenBase itself: y = x W^T / 2, merging into a new Linear."""
 
-    class QuantizedLinear(nn.Module):
+    merge_targets = ("halved", "other")
+    source_fan_in_fan_out = False
+
+    def __init__(self):
+        super().__init__()
+        self.in_features = self.out_features = 4
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("weight", torch.randn(4, 4, generator=generator))
+        self.calls = []
+
+    def compute_weight(self, dtype):
+        return (self.weight / 2).to(dtype)
+
+    def fused_state(self, x):
+        return (self.weight,)
+
+    def frozen_forward(self, x2d, state):
+        self.calls.append("forward")
+        return x2d @ (state[0] / 2).t()
+
+    def frozen_input_grad(self, grad2d, state):
+        self.calls.append("input_grad")
+        return grad2d @ (state[0] / 2)
+
+    def merged_with(self, lora_a, lora_b, scaling, target):
+        self.calls.append(target)
+        linear = nn.Linear(4, 4, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight / 2 + scaling * lora_b @ lora_a)
+        return linear
+
+    def forward(self, x):
+        return x @ (self.weight / 2).t()
+
+
+def test_a_declared_base_is_fused_and_merged_through_the_protocol():
+    model = nn.Sequential(HalfBase())
+    apply_lora(model, ["0"], r=2, seed=0)
+    layer = model[0]
+    assert isinstance(layer.base, FrozenBase) and frozen_base(layer.base) is layer.base
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 4, requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    assert layer.base.calls == ["forward", "input_grad"]
+    expected = x @ (layer.base.weight / 2 + layer.scaling * layer.lora_B @ layer.lora_A).t()
+    assert torch.allclose(out, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="target must be one of"):
+        merge_lora(model, target="float")
+    report = merge_lora(model, probe=x.detach())
+    assert report.target == "halved" and layer.base.__class__ is nn.Linear
+    assert report.max_abs_diff <= 1e-5
+    assert model_lora_config(model).r == 2
+    plain = merge_and_unload(model)
+    assert type(plain[0]) is nn.Linear and model_lora_config(plain) is None
+
+
+def test_a_base_that_is_no_frozen_base_runs_unfused_and_refuses_merging():
+    class Scaled(nn.Module):
         in_features, out_features = 4, 4
 
         def forward(self, x):
-            return x
+            return 2 * x
 
-    fake = types.ModuleType("minituner.quant.qlora")
-    fake.QuantizedLinear = QuantizedLinear
-    fake.merge_quantized_lora = lambda model, target=None, probe=None: calls.append(
-        (model, target, probe)) or "delegated"
-    monkeypatch.setitem(sys.modules, "minituner.quant.qlora", fake)
-    model = nn.Sequential(QuantizedLinear())
-    apply_lora(model, ["0"], r=2)
-    assert merge_lora(model, probe="p", target="requantized") == "delegated"
-    assert calls == [(model, "requantized", "p")]
+    model = apply_lora(nn.Sequential(Scaled()), ["0"], r=2)
+    assert frozen_base(model[0].base) is None
+    assert model(torch.ones(1, 4)).shape == (1, 4)
+    with pytest.raises(ValueError, match="cannot merge into a Scaled base"):
+        merge_lora(model)
+
+
+def test_lora_config_survives_deepcopy_and_is_shared_by_the_layers():
+    model = apply_lora(make_model(), ["q_proj", "fc1"], r=4, alpha=8.0, seed=3)
+    config = model_lora_config(model)
+    assert isinstance(config, LoRAConfig) and config.seed == 3
+    copied = copy.deepcopy(model)
+    copied_config = model_lora_config(copied)
+    assert copied_config == config and copied_config is not config
+    assert all(layer.config is copied_config for _, layer in lora_layers(copied))
+    assert not any(hasattr(m, "lora_config") for m in (model, copied))
 
 
 # ----------------------------------------------------------------------------- state dicts

@@ -22,7 +22,13 @@ from minituner.quant.nf4 import (
     dynamic_map,
     quantize_nf4,
 )
-from minituner.quant.nf4_io import QUANT_STATE_KEY, load_nf4, save_nf4
+from minituner.quant.nf4_io import (
+    QUANT_STATE_KEY,
+    from_bnb_state_dict,
+    load_nf4,
+    save_nf4,
+    to_bnb_state_dict,
+)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -385,14 +391,14 @@ def test_state_dict_matches_linear4bit_both_ways(double_quant):
     w, bias = weights((96, 128), seed=10), weights((96,), seed=11)
     layer = bnb_linear(w, bias, 64, double_quant)
     theirs = layer.state_dict()
-    ours = quantize_nf4(w, double_quant=double_quant).to_bnb_state_dict()
+    ours = to_bnb_state_dict(quantize_nf4(w, double_quant=double_quant))
     assert set(ours) | {"bias"} == set(theirs)
     for key, value in ours.items():
         assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
     meta = json.loads(bytes(ours[QUANT_STATE_KEY].tolist()))
     assert meta["quant_type"] == "nf4" and meta["shape"] == [96, 128]
 
-    loaded = NF4Weight.from_bnb_state_dict(theirs)  # bitsandbytes -> minituner
+    loaded = from_bnb_state_dict(theirs)  # bitsandbytes -> minituner
     x = weights((5, 128), seed=12, std=1.0)
     with torch.no_grad():
         expected = layer(x)
@@ -403,22 +409,22 @@ def test_state_dict_matches_linear4bit_both_ways(double_quant):
 
 def test_state_dict_prefix_and_errors():
     q = quantize_nf4(weights((32, 64), seed=13))
-    sd = q.to_bnb_state_dict("blocks.0.fc.")
+    sd = to_bnb_state_dict(q, "blocks.0.fc.")
     assert "blocks.0.fc.weight" in sd and sd["blocks.0.fc.weight"].shape == (1024, 1)
-    again = NF4Weight.from_bnb_state_dict(sd, "blocks.0.fc.")
+    again = from_bnb_state_dict(sd, "blocks.0.fc.")
     assert torch.equal(again.dequantize(), q.dequantize())
     with pytest.raises(ValueError, match="bitsandbytes__nf4"):
-        NF4Weight.from_bnb_state_dict(sd)  # wrong prefix
+        from_bnb_state_dict(sd)  # wrong prefix
     fp4 = dict(sd)
     fp4["blocks.0.fc." + QUANT_STATE_KEY] = torch.tensor(
         list(json.dumps({"quant_type": "fp4", "blocksize": 64, "dtype": "float32",
                          "shape": [32, 64]}).encode()), dtype=torch.uint8)
     with pytest.raises(ValueError, match="nf4"):
-        NF4Weight.from_bnb_state_dict(fp4, "blocks.0.fc.")
+        from_bnb_state_dict(fp4, "blocks.0.fc.")
     short = dict(sd)
     short["blocks.0.fc.weight.absmax"] = short["blocks.0.fc.weight.absmax"][:-1]
     with pytest.raises(ValueError, match="absmax"):
-        NF4Weight.from_bnb_state_dict(short, "blocks.0.fc.")
+        from_bnb_state_dict(short, "blocks.0.fc.")
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -429,13 +435,13 @@ def test_state_dict_prefix_and_errors():
     ("nested_blocksize", "x", "'nested_blocksize' must be an int"),
 ])
 def test_malformed_quant_state_fields_are_named(field, value, message):
-    sd = quantize_nf4(weights((32, 64), seed=13)).to_bnb_state_dict("fc.")
+    sd = to_bnb_state_dict(quantize_nf4(weights((32, 64), seed=13)), "fc.")
     key = "fc." + QUANT_STATE_KEY
     meta = json.loads(bytes(sd[key].tolist()).decode())
     meta[field] = value
     sd[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     with pytest.raises(ValueError, match=message):
-        NF4Weight.from_bnb_state_dict(sd, "fc.")
+        from_bnb_state_dict(sd, "fc.")
 
 
 # ----------------------------------------------------------------------------- files
@@ -450,8 +456,8 @@ def test_save_and_load(tmp_path, double_quant):
     assert again.shape == q.shape and again.dtype == q.dtype and again.offset == q.offset
     assert torch.equal(again.packed, q.packed) and torch.equal(again.absmax, q.absmax)
     assert torch.equal(again.dequantize(), q.dequantize())
-    q.save(tmp_path / "m.safetensors")
-    assert torch.equal(NF4Weight.load(tmp_path / "m.safetensors").packed, q.packed)
+    save_nf4(tmp_path / "m.safetensors", q)
+    assert torch.equal(load_nf4(tmp_path / "m.safetensors").packed, q.packed)
     assert torch.equal(load_nf4(tmp_path / "m.safetensors").absmax, q.absmax)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "w.safetensors"]
 

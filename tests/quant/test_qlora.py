@@ -19,6 +19,7 @@ from minituner.lora import (
     wrap_minigpt_with_lora,
 )
 from minituner.models.minigpt import MiniGPT
+from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.nf4 import NF4_CODE, dequantize_nf4, quantize_nf4
 from minituner.quant.qlora import (
     QUANT_SCHEMES,
@@ -27,6 +28,7 @@ from minituner.quant.qlora import (
     logit_difference,
     merge_quantized_lora,
     parse_quant_scheme,
+    quantization_summary,
     quantize_model,
     wrap_minigpt_qlora,
 )
@@ -201,7 +203,9 @@ def test_wrap_minigpt_qlora_structure_and_trainable_tensors():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2304 * 8
-    assert model.qlora_config["double_quant"] is True
+    summary = quantization_summary(model)
+    assert summary["double_quant"] is True and summary["quant_scheme"] == DEFAULT_QUANT_SCHEME
+    assert summary["blocksize"] == 64 and summary["quantized_modules"] == 12
     _, loss = model(tokens()[:, :-1], tokens()[:, 1:])
     loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}

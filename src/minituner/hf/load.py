@@ -11,6 +11,10 @@ peak is the quantized model plus the float embeddings plus one float weight.
 A checkpoint already quantized by bitsandbytes (``save_pretrained`` of a model loaded with
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``) is read the same way:
 its packed NF4 weights become QuantizedLinear layers as they are, byte for byte.
+
+Each layer declares where it came from in its ``origin`` (a Conv1D's (in, out) layout, a
+bitsandbytes checkpoint); :func:`minituner.quant.qlora.quantization_summary` reads the model's
+settings back from the layers.
 """
 
 from __future__ import annotations
@@ -23,11 +27,24 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf.models import fuse_activations, hf_dir, hf_targets, read_hf_config
-from minituner.lora.layer import is_fan_in_fan_out
+from minituner.hf.models import (
+    fuse_activations,
+    hf_dir,
+    hf_targets,
+    load_hf_model,
+    read_hf_config,
+)
+from minituner.lora.base import is_fan_in_fan_out
 from minituner.lora.targets import ALL_LINEAR, set_submodule
+from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.nf4 import check_blocksize, quantize_nf4
 from minituner.quant.nf4_io import QUANT_STATE_KEY
+from minituner.quant.qlora import (
+    DequantBuffer,
+    QuantizedLinear,
+    QuantizedOrigin,
+    parse_quant_scheme,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -136,11 +153,9 @@ def load_quantized_hf_model(
     Quantizes while loading (see the module docstring); a bitsandbytes 4-bit checkpoint is read
     as stored. Other tensors are loaded in ``compute_dtype``, which is also the dtype the NF4
     weights dequantize to. The model is returned in eval mode with every parameter frozen;
-    ``model.quantization`` records how it was built.
+    :func:`minituner.quant.qlora.quantization_summary` tells how it is stored.
     """
     from transformers import AutoModelForCausalLM
-
-    from minituner.quant.qlora import DequantBuffer
 
     check_blocksize(blocksize)
     config = read_hf_config(path)  # refuses an unsupported architecture
@@ -162,14 +177,6 @@ def load_quantized_hf_model(
     _load_remaining(model, source, prefix, compute_dtype)
     fuse_activations(model)
     model.requires_grad_(False)
-    if prequantized:  # the checkpoint decides: report what it holds
-        first = model.get_submodule(targets[0])
-        blocksize, double_quant = first.blocksize, first.double_quant
-    model.quantization = {
-        "method": "nf4", "blocksize": blocksize, "double_quant": double_quant,
-        "compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "prequantized": bool(prequantized), "quantized_modules": len(targets),
-    }
     return model.to(device).eval()
 
 
@@ -187,8 +194,6 @@ def _quantized_paths(model, source, prefix, prequantized, target_modules) -> lis
 
 def _quantized_layer(source, name, prefix, module, compute_dtype, blocksize, double_quant,
                      buffer, has_bias):
-    from minituner.quant.qlora import QuantizedLinear
-
     bias_key = _checkpoint_name(source, f"{name}.bias", prefix) if has_bias else None
     bias = _float(source.get(bias_key), compute_dtype) if bias_key else None
     if has_bias and bias is None:
@@ -198,11 +203,9 @@ def _quantized_layer(source, name, prefix, module, compute_dtype, blocksize, dou
         stem = state_key[: -len(QUANT_STATE_KEY)]  # "<module path>."
         state = {key: source.get(key) for key in source.keys()
                  if key.startswith(stem + "weight")}
-        layer = QuantizedLinear.from_bnb_state_dict(state, stem, bias=bias,
-                                                    compute_dtype=compute_dtype)
-        layer.dequant_buffer = buffer
-        layer.source_fan_in_fan_out = is_fan_in_fan_out(module)  # nf4_layer sets it otherwise
-        return layer
+        return QuantizedLinear.from_bnb_state_dict(state, stem, bias=bias,
+                                                   compute_dtype=compute_dtype, buffer=buffer,
+                                                   fan_in_fan_out=is_fan_in_fan_out(module))
     weight_key = _checkpoint_name(source, f"{name}.weight", prefix)
     if weight_key is None:
         raise ValueError(f"{source.directory}: checkpoint has no {name}.weight")
@@ -214,15 +217,12 @@ def nf4_layer(weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: b
               compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
               buffer=None) -> nn.Module:
     """A QuantizedLinear from a float weight; a Conv1D weight (in, out) is transposed first."""
-    from minituner.quant.qlora import QuantizedLinear
-
     if fan_in_fan_out:
         weight = weight.t()  # Conv1D stores (in, out); NF4 blocks run over (out, in) rows
     weight = weight.detach().to(compute_dtype).contiguous()
     quantized = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
-    layer = QuantizedLinear(quantized, bias, compute_dtype=compute_dtype, buffer=buffer)
-    layer.source_fan_in_fan_out = fan_in_fan_out
-    return layer
+    return QuantizedLinear(quantized, bias, compute_dtype=compute_dtype, buffer=buffer,
+                           origin=QuantizedOrigin(fan_in_fan_out=fan_in_fan_out))
 
 
 @torch.no_grad()
@@ -230,8 +230,6 @@ def quantize_loaded_model(model: nn.Module, compute_dtype: torch.dtype = torch.f
                           blocksize: int = 64, double_quant: bool = True,
                           target_modules=ALL_LINEAR) -> nn.Module:
     """Replace the targeted Linear / Conv1D layers of a float model in memory by NF4 layers."""
-    from minituner.quant.qlora import DequantBuffer
-
     buffer = DequantBuffer()
     names = hf_targets(model, target_modules)
     for name in names:
@@ -252,8 +250,6 @@ def _load_remaining(model: nn.Module, source: TensorSource, prefix: str,
         key = _checkpoint_name(source, name, prefix)
         if key is not None:
             _set_tensor(model, name, _float(source.get(key), dtype), is_param=True)
-    from minituner.quant.qlora import QuantizedLinear
-
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     for name, buffer in model.named_buffers():
         key = _checkpoint_name(source, name, prefix)
@@ -268,7 +264,7 @@ def _load_remaining(model: nn.Module, source: TensorSource, prefix: str,
 
 
 def base_record(path: str | os.PathLike, method: str, compute_dtype: torch.dtype,
-                quant_scheme: str = "nf4_per_group_64") -> dict:
+                quant_scheme: str = DEFAULT_QUANT_SCHEME) -> dict:
     """How a base was loaded (stored with an adapter, so merge and eval load the same base)."""
     if method not in ("lora", "qlora"):
         raise ValueError(f"--method must be lora or qlora for transformers models, got {method!r}")
@@ -281,15 +277,12 @@ def base_record(path: str | os.PathLike, method: str, compute_dtype: torch.dtype
 
 def load_base(record: dict, device: str | torch.device = "cpu", path=None) -> nn.Module:
     """The base a :func:`base_record` describes (``path`` overrides the recorded directory)."""
-    from minituner.hf.models import load_hf_model
-    from minituner.quant.qlora import parse_quant_scheme
-
     directory = path if path is not None else record["path"]
     dtype = getattr(torch, str(record.get("compute_dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown compute dtype {record.get('compute_dtype')!r}")
     if record.get("method") == "qlora":
         blocksize, double_quant = parse_quant_scheme(record.get("quant_scheme",
-                                                                "nf4_per_group_64"))
+                                                                DEFAULT_QUANT_SCHEME))
         return load_quantized_hf_model(directory, dtype, blocksize, double_quant, device=device)
     return load_hf_model(directory, dtype, device)

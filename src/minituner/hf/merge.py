@@ -25,15 +25,25 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.lora import lora_layers, merge_and_unload, output_drift, run_probe, set_submodule
-from minituner.quant.qlora import MERGE_TARGETS
+from minituner.hf.load import base_record, load_base, load_quantized_hf_model, quantize_loaded_model
+from minituner.hf.models import context_length, load_hf_model, load_hf_tokenizer
+from minituner.hf.save import save_hf_model
+from minituner.lora import (
+    lora_layers,
+    merge_and_unload,
+    output_drift,
+    run_probe,
+    set_submodule,
+    source_fan_in_fan_out,
+)
+from minituner.lora.adapters import CONFIG_NAME, load_adapter
+from minituner.quant import DEFAULT_QUANT_SCHEME
+from minituner.quant.qlora import MERGE_TARGETS, QuantizedLinear, parse_quant_scheme
 from minituner.util.files import atomic_write_json, read_json
 
 
 def recorded_hf_base(adapter_dir: str | os.PathLike) -> dict | None:
     """The transformers base an adapter records (``minituner.base``), or None."""
-    from minituner.lora.adapters import CONFIG_NAME
-
     config = read_json(Path(adapter_dir) / CONFIG_NAME, "adapter config")
     section = config.get("minituner") if isinstance(config, dict) else None
     record = section.get("base") if isinstance(section, dict) else None
@@ -42,8 +52,6 @@ def recorded_hf_base(adapter_dir: str | os.PathLike) -> dict | None:
 
 def adapter_base_record(adapter_dir: str | os.PathLike, model_spec: str | None) -> dict:
     """The adapter's record of its base (PEFT adapters: float LoRA in fp32 on ``model_spec``)."""
-    from minituner.hf.load import base_record
-
     record = recorded_hf_base(adapter_dir)
     if record is not None:
         return record
@@ -72,11 +80,9 @@ def _drift(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _as_float_layer(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A float Linear (or Conv1D for a GPT-2 layer) holding a merged or NF4 layer's weight."""
-    from minituner.quant.qlora import QuantizedLinear
-
-    fan_in_fan_out = bool(getattr(layer, "source_fan_in_fan_out", False))
+def _as_float_layer(layer: nn.Module, dtype: torch.dtype, fan_in_fan_out: bool) -> nn.Module:
+    """A float Linear (or Conv1D for a layer GPT-2 stored (in, out)) holding a merged or NF4
+    layer's weight."""
     if isinstance(layer, QuantizedLinear):
         weight, bias = layer.dequantized_weight(torch.float32), layer.bias
     else:
@@ -100,22 +106,19 @@ def _as_float_layer(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _merge(model: nn.Module, target: str, record: dict) -> nn.Module:
     """Merge every adapter into its base and unload; layout per ``target``."""
-    from minituner.hf.load import quantize_loaded_model
-    from minituner.quant.qlora import QuantizedLinear, parse_quant_scheme
-
     dtype = getattr(torch, record.get("compute_dtype", "float32"))
-    blocksize, double_quant = parse_quant_scheme(record.get("quant_scheme", "nf4_per_group_64"))
-    wrapped = [name for name, _ in lora_layers(model)]
-    sources = {name: bool(getattr(layer.base, "source_fan_in_fan_out", False))
-               for name, layer in lora_layers(model)}
+    blocksize, double_quant = parse_quant_scheme(record.get("quant_scheme", DEFAULT_QUANT_SCHEME))
+    # the layout each adapted layer was stored in, read before merging replaces NF4 bases
+    sources = {name: source_fan_in_fan_out(layer.base) for name, layer in lora_layers(model)}
     quantized_base = record.get("method") == "qlora"
     merge_and_unload(model, target=target if quantized_base else None)  # NF4 bases: per target
-    for name in wrapped:  # merged layers lose the Conv1D mark: put it back
-        model.get_submodule(name).source_fan_in_fan_out = sources[name]
     if target == "dequantized":
         for name, module in list(model.named_modules()):
-            if isinstance(module, QuantizedLinear) or (quantized_base and name in wrapped):
-                set_submodule(model, name, _as_float_layer(module, dtype))
+            if isinstance(module, QuantizedLinear):
+                set_submodule(model, name, _as_float_layer(module, dtype,
+                                                           module.source_fan_in_fan_out))
+            elif quantized_base and name in sources:
+                set_submodule(model, name, _as_float_layer(module, dtype, sources[name]))
         return model
     if not quantized_base:
         return quantize_loaded_model(model, dtype, blocksize, double_quant)
@@ -126,11 +129,6 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
                      device: str | torch.device = "cpu", overwrite: bool = False,
                      strict: bool = True) -> dict:
     """Merge ``adapter_dir`` into its base and write ``out_dir``; returns the merge report."""
-    from minituner.hf.load import load_base
-    from minituner.hf.models import context_length, load_hf_tokenizer
-    from minituner.hf.save import save_hf_model
-    from minituner.lora.adapters import load_adapter
-
     target = target or "dequantized"
     if target not in MERGE_TARGETS:
         raise ValueError(f"--target must be one of {list(MERGE_TARGETS)}, got {target!r}")
@@ -163,9 +161,5 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
 def _reload(out: Path, target: str, device) -> nn.Module:
     """The written directory loaded back (transformers for float, minituner's reader for NF4)."""
     if target == "dequantized":
-        from minituner.hf.models import load_hf_model
-
         return load_hf_model(out, device=device)
-    from minituner.hf.load import load_quantized_hf_model
-
     return load_quantized_hf_model(out, device=device)

@@ -22,13 +22,13 @@ import torch
 import torch.nn as nn
 
 from minituner.lora import lora_layers
+from minituner.lora.targets import is_linear_like
+from minituner.quant.qlora import QuantizedLinear
 from minituner.util.files import atomic_directory, atomic_save_safetensors, atomic_write_json
 
 
 def bnb_quantization_config(model: nn.Module) -> dict | None:
     """The bitsandbytes ``quantization_config`` for a model holding QuantizedLinear layers."""
-    from minituner.quant.qlora import QuantizedLinear
-
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     if not layers:
         return None
@@ -37,8 +37,6 @@ def bnb_quantization_config(model: nn.Module) -> dict | None:
     if len(double) != 1 or len(compute) != 1:
         raise ValueError("quantized layers disagree on double quantization or compute dtype; "
                          "bitsandbytes' config holds one setting per model")
-    from minituner.lora.targets import is_linear_like
-
     quantized = {n for n, _ in layers}
     skipped = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                       if is_linear_like(m) and n not in quantized} | {"lm_head"})

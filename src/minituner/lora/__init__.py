@@ -1,6 +1,9 @@
-"""LoRA: the layer, its fused autograd function, target resolution, injection, merging and
-PEFT-format adapter files. The package's public API is re-exported here."""
+"""LoRA: the layer, the interface it uses to reach its frozen base, its fused autograd function,
+target resolution, injection, merging and PEFT-format adapter files. The package's public API is
+re-exported here. Nothing in this package imports quantization code."""
 
+from minituner.lora.base import DenseBase, FrozenBase, frozen_base
+from minituner.lora.config import LoRAConfig
 from minituner.lora.inject import (
     apply_lora,
     count_lora_params,
@@ -11,6 +14,8 @@ from minituner.lora.inject import (
     lora_param_table,
     lora_ratio,
     lora_state_dict,
+    model_lora_config,
+    set_model_lora_config,
     wrap_minigpt_with_lora,
 )
 from minituner.lora.layer import (
@@ -46,6 +51,8 @@ from minituner.lora.targets import (
 )
 
 __all__ = [
+    "DenseBase", "FrozenBase", "LoRAConfig", "frozen_base", "model_lora_config",
+    "set_model_lora_config",
     "ALL_LINEAR", "KNOWN_INITS", "MINIGPT_TARGETS", "LoRALinear", "MergeReport", "apply_lora",
     "check_alpha", "check_dropout", "check_init", "check_patterns", "check_rank",
     "count_lora_params", "disable_adapters", "install_lora_layers", "is_fan_in_fan_out",

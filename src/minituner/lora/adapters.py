@@ -18,12 +18,19 @@ import hashlib
 import json
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from minituner.lora.inject import install_lora_layers, is_lora_name
+from minituner.lora.config import LoRAConfig
+from minituner.lora.inject import (
+    install_lora_layers,
+    is_lora_name,
+    model_lora_config,
+    set_model_lora_config,
+)
 from minituner.lora.layer import (
     LoRALinear,
     check_alpha,
@@ -122,11 +129,12 @@ def save_adapter(
     hashes every base tensor); computed here when not given.
     """
     layers = lora_layers(model)
-    settings = getattr(model, "lora_config", None)
-    if not layers or not isinstance(settings, dict):
+    config = model_lora_config(model)
+    if not layers or config is None:
         raise ValueError("model has no LoRA adapter to save (wrap it with apply_lora first)")
     if any(layer.merged for _, layer in layers):
         raise ValueError("model's adapters are merged into the base; call unmerge_lora first")
+    settings = config.to_dict()
     directory = Path(directory)
     tensors = {}
     for name, layer in layers:
@@ -349,10 +357,10 @@ def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
         layers = _plan_plain(model, pairs, settings, weights_path)
     _check_fingerprint(model, settings, config_path, strict)
     if not wrapped:
-        lora_config = {key: settings[key] for key in
-                       ("r", "alpha", "dropout", "init", "use_rslora", "target_modules",
-                        "rank_pattern", "alpha_pattern")}
-        return install_lora_layers(model, layers, {**lora_config, "seed": None})
+        config = LoRAConfig(**{key: settings[key] for key in
+                               ("r", "alpha", "dropout", "init", "use_rslora", "target_modules",
+                                "rank_pattern", "alpha_pattern")})
+        return install_lora_layers(model, layers, config)
     with torch.no_grad():
         for module, layer in layers.items():
             layer.lora_A.copy_(pairs[module][0])
@@ -361,5 +369,5 @@ def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
                             settings["use_rslora"])
     updates = {key: settings[key] for key in
                ("r", "alpha", "use_rslora", "rank_pattern", "alpha_pattern")}
-    model.lora_config = {**getattr(model, "lora_config", {}), **updates}
+    set_model_lora_config(model, replace(model_lora_config(model) or LoRAConfig(), **updates))
     return model

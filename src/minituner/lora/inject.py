@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from minituner.lora.config import LoRAConfig
 from minituner.lora.layer import (
     LoRALinear,
     check_alpha,
@@ -47,14 +48,31 @@ def is_lora_name(name: str) -> bool:
 
 
 
-def install_lora_layers(model: nn.Module, layers: Mapping, lora_config: dict) -> nn.Module:
-    """Swap prepared LoRALinear layers in by path, freeze every non-LoRA tensor, record config."""
+def install_lora_layers(model: nn.Module, layers: Mapping, config: LoRAConfig) -> nn.Module:
+    """Swap prepared LoRALinear layers in by path, freeze every non-LoRA tensor; every layer
+    holds ``config``."""
+    if not isinstance(config, LoRAConfig):
+        raise ValueError(f"config must be a LoRAConfig, got {type(config).__name__}")
     for name, layer in layers.items():
+        layer.config = config
         set_submodule(model, name, layer)
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_name(name))
-    model.lora_config = dict(lora_config)
     return model
+
+
+def model_lora_config(model: nn.Module) -> LoRAConfig | None:
+    """The LoRAConfig the model's LoRA layers hold (None without LoRA layers or settings)."""
+    configs = {id(layer.config): layer.config for _, layer in lora_layers(model)}
+    if len(configs) > 1:
+        raise ValueError("the model's LoRA layers hold different configs")
+    return next(iter(configs.values()), None)
+
+
+def set_model_lora_config(model: nn.Module, config: LoRAConfig) -> None:
+    """Give every LoRA layer of the model ``config``."""
+    for _, layer in lora_layers(model):
+        layer.config = config
 
 
 def apply_lora(
@@ -71,7 +89,8 @@ def apply_lora(
 ) -> nn.Module:
     """Wrap the targeted Linears in place with LoRALinear and freeze the rest; returns the model.
 
-    All checks run before the model is touched. The config is kept as ``model.lora_config``.
+    All checks run before the model is touched. Every new layer holds the settings as a
+    :class:`~minituner.lora.config.LoRAConfig` (read them with :func:`model_lora_config`).
     """
     r, alpha = check_rank(r), check_alpha(alpha)
     dropout, init = check_dropout(dropout), check_init(init)
@@ -85,21 +104,20 @@ def apply_lora(
     if not names:
         raise ValueError(f"target_modules {target_modules!r} selects no Linear in the model")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    config = LoRAConfig(
+        r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora,
+        target_modules=target_modules if target_modules == ALL_LINEAR else list(target_modules),
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, seed=seed,
+    )
     layers = {
         name: LoRALinear(
             model.get_submodule(name),
             r=pattern_value(rank_pattern, name, r),
             alpha=pattern_value(alpha_pattern, name, alpha),
             dropout=dropout, init=init, use_rslora=use_rslora,
-            freeze_base=False, generator=generator,
+            freeze_base=False, generator=generator, config=config,
         )
         for name in names
-    }
-    config = {
-        "r": r, "alpha": alpha, "dropout": dropout, "init": init, "use_rslora": use_rslora,
-        "target_modules": target_modules if target_modules == ALL_LINEAR else list(target_modules),
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "seed": seed,
     }
     return install_lora_layers(model, layers, config)
 

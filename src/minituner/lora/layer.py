@@ -3,8 +3,10 @@
 A frozen Linear W (out x in) gets a trainable low-rank update: ``W_eff = W + scaling * B @ A``
 with ``A`` (r, in), ``B`` (out, r), ``scaling = alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
 ``B`` starts at zero, so a freshly wrapped layer computes exactly what its base computes.
-Also here: the rank / alpha / dropout / init checks and the base-layer geometry (``in_features``
-and ``out_features``, GPT-2's fan-in-fan-out Conv1D). Re-exported by :mod:`minituner.lora`.
+The layer reaches its base only through :class:`minituner.lora.base.FrozenBase` (fusing,
+merging, the base's original layout). Also here: the rank / alpha / dropout / init checks and the
+base-layer geometry (``in_features`` and ``out_features``, GPT-2's fan-in-fan-out Conv1D).
+Re-exported by :mod:`minituner.lora`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import numbers
 import torch
 import torch.nn as nn
 
-from minituner.lora.fused import fused_kind, fused_lora_forward, is_fan_in_fan_out
+from minituner.lora.base import DenseBase, frozen_base, is_fan_in_fan_out
+from minituner.lora.config import LoRAConfig
+from minituner.lora.fused import fused_lora_forward
 
 __all__ = [
     "KNOWN_INITS", "LoRALinear", "check_alpha", "check_dropout", "check_init", "check_rank",
@@ -62,17 +66,18 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 def source_fan_in_fan_out(base: nn.Module) -> bool:
     """True when the layer is, or was built from, a fan-in-fan-out layer (a quantized Conv1D)."""
-    return is_fan_in_fan_out(base) or bool(getattr(base, "source_fan_in_fan_out", False))
+    frozen = frozen_base(base)
+    return frozen is not None and frozen.source_fan_in_fan_out
 
 
 def linear_features(base: nn.Module) -> tuple:
-    """(in_features, out_features) of a layer LoRA can wrap (nn.Linear or anything exposing both).
+    """(in_features, out_features) of a layer LoRA can wrap (nn.Linear, a FrozenBase, or any
+    layer exposing both; such a layer runs unfused and cannot be merged into).
 
     A base stored fan-in-fan-out (GPT-2's Conv1D, weight (in, out)) gives (nx, nf).
     """
-    if is_fan_in_fan_out(base):
-        return base.nx, base.nf
-    features = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    frozen = frozen_base(base) or base
+    features = getattr(frozen, "in_features", None), getattr(frozen, "out_features", None)
     if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in features):
         raise ValueError(
             f"base must expose positive int in_features and out_features, got {type(base).__name__}"
@@ -102,6 +107,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         freeze_base: bool = True,
         generator: torch.Generator | None = None,
+        config: LoRAConfig | None = None,
     ):
         super().__init__()
         self.r = check_rank(r)
@@ -115,6 +121,7 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_scaling(self.r, self.alpha, use_rslora)
         self.fan_in_fan_out = is_fan_in_fan_out(base)  # weight stored (in, out): Conv1D
+        self.config = config  # the model-wide settings (apply_lora / load_adapter set them)
         self.disabled = False
         self.merged = False
         self.fused = True  # one autograd function for base + update when the base allows it
@@ -158,9 +165,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r == 0 or self.disabled or self.merged:
             return self.base(x)
-        kind = fused_kind(self.base, x) if self.fused and not self._dropout_active() else None
-        if kind is not None:
-            return fused_lora_forward(self, x, kind)
+        if self.fused and not self._dropout_active():
+            out = fused_lora_forward(self, x)
+            if out is not None:
+                return out
         out = self.base(x)
         lora_in = self.dropout(x).to(self.lora_A.dtype)
         update = (lora_in @ self.lora_A.T) @ self.lora_B.T
@@ -172,25 +180,23 @@ class LoRALinear(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into a float base weight (W += delta)."""
-        self._shift_base_weight(+1.0)
+    def merge(self, target: str | None = None) -> None:
+        """Fold the update into the base (W += delta); a FrozenBase may swap in a new module."""
+        base = frozen_base(self.base)
+        if base is None:
+            raise ValueError(f"cannot merge into a {type(self.base).__name__} base")
+        target = base.merge_targets[0] if target is None else target
+        self.base = base.merged_with(self.lora_A, self.lora_B, self.scaling, target)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of the base weight (W -= delta)."""
-        self._shift_base_weight(-1.0)
+        """Take the update back out of a float base weight (W -= delta)."""
+        base = frozen_base(self.base)
+        if not isinstance(base, DenseBase):
+            raise ValueError(f"cannot unmerge from a {type(self.base).__name__} base")
+        base.shift(self.lora_A, self.lora_B, self.scaling, -1.0)
         self.merged = False
-
-    def _shift_base_weight(self, sign: float) -> None:
-        weight, a, b = self.base.weight, self.lora_A, self.lora_B
-        if weight.dtype == a.dtype and weight.device == a.device and self.r > 0:
-            # W += sign * scaling * B @ A as one in-place GEMM: no (out, in) temporary
-            left, right = (a.t(), b.t()) if self.fan_in_fan_out else (b, a)
-            weight.addmm_(left, right, alpha=sign * self.scaling)
-            return
-        weight.add_((sign * self.delta_weight()).to(device=weight.device, dtype=weight.dtype))
 
     def extra_repr(self) -> str:
         return (

@@ -1,16 +1,18 @@
 """Merging LoRA into its base: W += scaling * B @ A, the way back, and unloading the wrappers.
 
-Re-exported by :mod:`minituner.lora`.
+Every base is merged through :class:`minituner.lora.base.FrozenBase`: a float Linear / Conv1D
+in place (target "float"), any other base as it declares (an NF4 base's ``merge_targets`` are
+"dequantized" and "requantized"). Re-exported by :mod:`minituner.lora`.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from minituner.lora.base import DenseBase, frozen_base
 from minituner.lora.layer import lora_layers
 from minituner.lora.targets import set_submodule
 
@@ -23,12 +25,6 @@ class MergeReport:
     target: str
     max_abs_diff: float | None = None
     mean_abs_diff: float | None = None
-
-
-def _is_quantized_base(base: nn.Module) -> bool:
-    # a QuantizedLinear exists only if it was imported
-    qlora = sys.modules.get("minituner.quant.qlora")
-    return qlora is not None and isinstance(base, getattr(qlora, "QuantizedLinear", ()))
 
 
 @torch.no_grad()
@@ -54,39 +50,55 @@ def output_drift(before: torch.Tensor | None, after: torch.Tensor | None) -> tup
     return float(diff.max()), float(diff.mean())
 
 
-def _check_float_bases(layers: list) -> None:
+def _frozen_bases(layers: list) -> list:
+    """Each layer's FrozenBase; a base that is none of them cannot be merged into."""
+    bases = []
     for layer in layers:
-        weight = getattr(layer.base, "weight", None)
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        base = frozen_base(layer.base)
+        if base is None:
+            raise ValueError(f"cannot merge into a {type(layer.base).__name__} base: it is no "
+                             "nn.Linear, Conv1D or FrozenBase")
+        if isinstance(base, DenseBase) and not base.module.weight.is_floating_point():
             raise ValueError(
                 f"cannot merge into a {type(layer.base).__name__} base: it has no float weight"
             )
+        bases.append(base)
+    return bases
+
+
+def _merge_target(bases: list, target: str | None) -> str:
+    """The one target every base accepts: float bases take None or "float"; other bases
+    declare theirs (the first is the default), and float layers beside them merge in place."""
+    declared = [base for base in bases if not isinstance(base, DenseBase)]
+    if not declared:
+        if target not in (None, "float"):
+            raise ValueError(f"target must be None or 'float' for float bases, got {target!r}")
+        return "float"
+    target = declared[0].merge_targets[0] if target is None else target
+    for base in declared:
+        if target not in base.merge_targets:
+            raise ValueError(f"target must be one of {list(base.merge_targets)}, got {target!r}")
+    return target
 
 
 def merge_lora(model: nn.Module, probe=None, target: str | None = None) -> MergeReport:
-    """Fold scaling * B @ A into every base weight in place; report drift on ``probe`` if given.
+    """Fold scaling * B @ A into every base in place; report drift on ``probe`` if given.
 
-    NF4 bases are handed to ``minituner.quant.qlora.merge_quantized_lora`` (target "dequantized" or
-    "requantized"); float bases accept target None or "float". Merging twice is refused.
+    Float bases accept target None or "float"; a base implementing FrozenBase itself names its
+    own targets (NF4: "dequantized", the default, or "requantized"). Merging twice is refused.
     """
     layers = [m for _, m in lora_layers(model)]
     if not layers:
         raise ValueError("model has no LoRA layers to merge")
     if any(m.merged for m in layers):
         raise ValueError("model is already merged; call unmerge_lora before merging again")
-    if any(_is_quantized_base(m.base) for m in layers):
-        from minituner.quant.qlora import merge_quantized_lora
-
-        return merge_quantized_lora(model, target=target, probe=probe)
-    if target not in (None, "float"):
-        raise ValueError(f"target must be None or 'float' for float bases, got {target!r}")
-    _check_float_bases(layers)
+    target = _merge_target(_frozen_bases(layers), target)
     before = run_probe(model, probe)
     for layer in layers:
-        layer.merge()
+        layer.merge(target)
     max_diff, mean_diff = output_drift(before, run_probe(model, probe))
     return MergeReport(
-        n_layers=len(layers), target="float", max_abs_diff=max_diff, mean_abs_diff=mean_diff
+        n_layers=len(layers), target=target, max_abs_diff=max_diff, mean_abs_diff=mean_diff
     )
 
 
@@ -95,7 +107,9 @@ def unmerge_lora(model: nn.Module) -> int:
     layers = [m for _, m in lora_layers(model) if m.merged]
     if not layers:
         raise ValueError("model has no merged LoRA layers to unmerge")
-    _check_float_bases(layers)
+    for layer in layers:
+        if not isinstance(frozen_base(layer.base), DenseBase):
+            raise ValueError(f"cannot unmerge from a {type(layer.base).__name__} base")
     for layer in layers:
         layer.unmerge()
     return len(layers)
@@ -104,7 +118,8 @@ def unmerge_lora(model: nn.Module) -> int:
 def merge_and_unload(model: nn.Module, target: str | None = None) -> nn.Module:
     """Merge (unless already merged) and put each base layer back in place; returns the model.
 
-    Base parameters stay frozen (requires_grad=False), as apply_lora left them.
+    Base parameters stay frozen (requires_grad=False), as apply_lora left them. The LoRA
+    settings (each layer's ``config``) leave with the layers.
     """
     named = lora_layers(model)
     if not named:
@@ -113,6 +128,4 @@ def merge_and_unload(model: nn.Module, target: str | None = None) -> nn.Module:
         merge_lora(model, target=target)
     for name, layer in lora_layers(model):
         set_submodule(model, name, layer.base)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
     return model

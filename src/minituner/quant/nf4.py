@@ -17,9 +17,11 @@ Bytes are decided exactly as bitsandbytes 0.50.2 decides them on CPU (tests chec
   nearest each table point), not the exact nearest code; minituner builds the same table, so
   the nested bytes match. A block of 256 scales that are all equal to the mean gets code 0.
 
-How the bytes are computed quickly (chunked work on worker threads, table lookups) lives in
-:mod:`minituner.quant.kernels`.
-Serialization (bitsandbytes state dicts, safetensors files) lives in :mod:`minituner.quant.nf4_io`.
+The definition, written out slowly in plain torch, is :mod:`minituner.quant.reference` (tests
+check these functions against it bit for bit). How the bytes are computed quickly (chunked work
+on worker threads, table lookups) lives in :mod:`minituner.quant.kernels`. Serialization
+(bitsandbytes state dicts, safetensors files) lives in :mod:`minituner.quant.nf4_io`, which
+builds on this module (this module does not import it).
 """
 
 from __future__ import annotations
@@ -201,32 +203,6 @@ class NF4Weight:
             nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code),
             offset=self.offset, nested_blocksize=self.nested_blocksize,
         )
-
-    def to_bnb_state_dict(self, prefix: str = "") -> dict:
-        """State-dict entries as ``bnb.nn.Linear4bit`` writes them (``<prefix>weight...``)."""
-        from minituner.quant.nf4_io import to_bnb_state_dict
-
-        return to_bnb_state_dict(self, prefix)
-
-    @classmethod
-    def from_bnb_state_dict(cls, state_dict, prefix: str = "") -> NF4Weight:
-        """Read the entries of a ``bnb.nn.Linear4bit`` state dict (nf4 only)."""
-        from minituner.quant.nf4_io import from_bnb_state_dict
-
-        return from_bnb_state_dict(state_dict, prefix)
-
-    def save(self, path) -> None:
-        """Atomically write this weight to a safetensors file (bitsandbytes key layout)."""
-        from minituner.quant.nf4_io import save_nf4
-
-        save_nf4(path, self)
-
-    @classmethod
-    def load(cls, path) -> NF4Weight:
-        """Read a weight written by :meth:`save` (or a bitsandbytes-layout safetensors file)."""
-        from minituner.quant.nf4_io import load_nf4
-
-        return load_nf4(path)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:

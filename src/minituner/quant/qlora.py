@@ -6,6 +6,12 @@ returns only the input gradient, so autograd keeps the packed weight and its sca
 dequantized (out, in) matrix and never the input. Layers of one model may share one scratch
 buffer (:class:`DequantBuffer`) for the dequantized matrix, so it is allocated once.
 
+``QuantizedLinear`` implements :class:`minituner.lora.base.FrozenBase`: LoRA's fused function
+calls its ``frozen_forward`` / ``frozen_input_grad`` (the one NF4 forward and backward, which
+its own autograd function uses too), and ``merge_lora`` folds an adapter in through its
+``merged_with`` ("dequantized" or "requantized"). Where a layer came from (a Conv1D's
+(in, out) layout, a bitsandbytes checkpoint) is declared in its :class:`QuantizedOrigin`.
+
 ``QuantizedLinear.state_dict()`` uses ``bnb.nn.Linear4bit``'s keys (``weight``,
 ``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ...), so a QLoRA model's base
 can be read by bitsandbytes and the other way round.
@@ -14,7 +20,7 @@ can be read by bitsandbytes and the other way round.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -27,7 +33,8 @@ from minituner.lora import (
     resolve_target_modules,
     set_submodule,
 )
-from minituner.lora.merge import MergeReport, output_drift, run_probe
+from minituner.lora.merge import MergeReport, merge_lora, run_probe
+from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.kernels import standard_code
 from minituner.quant.nf4 import (
     NF4Weight,
@@ -36,9 +43,10 @@ from minituner.quant.nf4 import (
     dequantize_nf4,
     quantize_nf4,
 )
+from minituner.quant.nf4_io import from_bnb_state_dict, to_bnb_state_dict
 
 QUANT_SCHEMES = {  # name -> (blocksize, double quantization); QLoRA's own setting is the first
-    "nf4_per_group_64": (64, True),
+    DEFAULT_QUANT_SCHEME: (64, True),
     "nf4_per_group_64_no_dq": (64, False),
     "nf4_per_group_32": (32, True),
     "nf4_per_group_128": (128, True),
@@ -48,7 +56,7 @@ MERGE_TARGETS = ("dequantized", "requantized")
 
 
 def parse_quant_scheme(name: str) -> tuple:
-    """(blocksize, double_quant) of a scheme name; "nf4_per_group_64" double-quantizes, as QLoRA."""
+    """(blocksize, double_quant) of a scheme name; the default double-quantizes, as QLoRA."""
     if name not in QUANT_SCHEMES:
         raise ValueError(f"unknown quant_scheme {name!r}; known: {sorted(QUANT_SCHEMES)}")
     return QUANT_SCHEMES[name]
@@ -78,25 +86,32 @@ class DequantBuffer:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
 
-class _NF4Linear(torch.autograd.Function):
-    """y = x W^T + b with W dequantized from NF4 in forward and again in backward."""
+class _FrozenNF4(torch.autograd.Function):
+    """y = x W^T + b through the layer's frozen_forward / frozen_input_grad (no LoRA on top)."""
 
     @staticmethod
-    def forward(ctx, x, bias, layer, packed, absmax, nested_absmax):
-        weight = layer.dequantize_for_compute(x.dtype, packed, absmax, nested_absmax)
-        ctx.layer, ctx.has_bias = layer, bias is not None
-        ctx.save_for_backward(packed, absmax, nested_absmax)  # 4.1-4.5 bits per weight
-        return F.linear(x, weight, bias)
+    def forward(ctx, x, layer, *state):
+        out = layer.frozen_forward(x.reshape(-1, x.shape[-1]), state)
+        ctx.layer = layer
+        ctx.save_for_backward(*state)  # 4.1-4.5 bits per weight
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = grad_bias = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.layer.dequantize_for_compute(grad_out.dtype, *ctx.saved_tensors)
-            grad_x = grad_out @ weight
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None, None, None
+            grad2d = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_x = ctx.layer.frozen_input_grad(grad2d, ctx.saved_tensors)
+            grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1])
+        return (grad_x, None) + (None,) * len(ctx.saved_tensors)
+
+
+@dataclass(frozen=True)
+class QuantizedOrigin:
+    """Where a QuantizedLinear's weight came from; kept by copies, merges and reloads."""
+
+    fan_in_fan_out: bool = False  # quantized from a layer stored (in, out): GPT-2's Conv1D
+    prequantized: bool = False  # bytes read as a bitsandbytes checkpoint stored them
 
 
 class QuantizedLinear(nn.Module):
@@ -104,12 +119,18 @@ class QuantizedLinear(nn.Module):
 
     It holds no parameters. ``compute_dtype`` (fp32, bf16 or fp16; default: the input's dtype)
     is the dtype the weight is dequantized to and the GEMM runs in; the output comes back in
-    the input's dtype.
+    the input's dtype. It implements :class:`minituner.lora.base.FrozenBase`.
     """
 
+    merge_targets = MERGE_TARGETS
+
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None, buffer: DequantBuffer | None = None):
+                 compute_dtype: torch.dtype | None = None, buffer: DequantBuffer | None = None,
+                 origin: QuantizedOrigin | None = None):
         super().__init__()
+        self.origin = QuantizedOrigin() if origin is None else origin
+        if not isinstance(self.origin, QuantizedOrigin):
+            raise ValueError(f"origin must be a QuantizedOrigin, got {type(origin).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"QuantizedLinear needs a 2-D (out, in) weight, got {weight.shape}")
         self.out_features, self.in_features = weight.shape
@@ -149,12 +170,20 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_bnb_state_dict(cls, state_dict, prefix: str = "", bias: torch.Tensor | None = None,
-                            compute_dtype: torch.dtype | None = None) -> QuantizedLinear:
+                            compute_dtype: torch.dtype | None = None,
+                            buffer: DequantBuffer | None = None,
+                            fan_in_fan_out: bool = False) -> QuantizedLinear:
         """Build from a ``bnb.nn.Linear4bit`` state dict; the bias is taken from it if present."""
-        q = NF4Weight.from_bnb_state_dict(state_dict, prefix)
+        q = from_bnb_state_dict(state_dict, prefix)
         if bias is None:
             bias = state_dict.get(prefix + "bias")
-        return cls(q, bias, compute_dtype=compute_dtype)
+        origin = QuantizedOrigin(fan_in_fan_out=fan_in_fan_out, prequantized=True)
+        return cls(q, bias, compute_dtype=compute_dtype, buffer=buffer, origin=origin)
+
+    @property
+    def source_fan_in_fan_out(self) -> bool:
+        """Whether the float layer this came from stored its weight (in, out) (PEFT's flag)."""
+        return self.origin.fan_in_fan_out
 
     @property
     def nf4(self) -> NF4Weight:
@@ -187,12 +216,49 @@ class QuantizedLinear(nn.Module):
         """A fresh float copy of the weight (default dtype: the original weight's)."""
         return self.nf4.dequantize(dtype or self.weight_dtype)
 
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh (out, in) float copy of the weight in ``dtype`` (FrozenBase)."""
+        return self.dequantized_weight(dtype)
+
+    def fused_state(self, x: torch.Tensor) -> tuple | None:
+        """The packed codes and scales, when the layer computes in ``x``'s dtype (FrozenBase)."""
+        if (self.compute_dtype or x.dtype) != x.dtype:
+            return None
+        return self.packed, self.absmax, self.nested_absmax
+
+    def frozen_forward(self, x2d: torch.Tensor, state: tuple) -> torch.Tensor:
+        """x W^T + b with W dequantized from ``state`` into x's dtype (FrozenBase)."""
+        weight = self.dequantize_for_compute(x2d.dtype, *state)
+        bias = None if self.bias is None else self.bias.to(x2d.dtype)
+        return F.linear(x2d, weight, bias)
+
+    def frozen_input_grad(self, grad2d: torch.Tensor, state: tuple) -> torch.Tensor:
+        """grad W, with W dequantized again from ``state``: nothing float was kept (FrozenBase)."""
+        return torch.mm(grad2d, self.dequantize_for_compute(grad2d.dtype, *state))
+
+    @torch.no_grad()
+    def merged_with(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                    target: str) -> nn.Module:
+        """dequantized(W) + scaling * B @ A as an fp32 ``nn.Linear`` ("dequantized"), or that
+        sum quantized again with fresh scales as a QuantizedLinear ("requantized")."""
+        if target not in MERGE_TARGETS:
+            raise ValueError(f"target must be one of {list(MERGE_TARGETS)}, got {target!r}")
+        weight = self.dequantized_weight(torch.float32)
+        weight += scaling * (lora_b.float() @ lora_a.float()).to(weight.device)
+        if target == "requantized":
+            q = quantize_nf4(weight.to(self.weight_dtype), self.blocksize, self.double_quant)
+            origin = replace(self.origin, prequantized=False)
+            return QuantizedLinear(q, self.bias, self.compute_dtype, self.dequant_buffer, origin)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = self.compute_dtype or x.dtype
-        check_dtype(compute)
-        bias = None if self.bias is None else self.bias.to(compute)
-        out = _NF4Linear.apply(x.to(compute), bias, self, self.packed, self.absmax,
-                               self.nested_absmax)
+        compute = check_dtype(self.compute_dtype or x.dtype)
+        out = _FrozenNF4.apply(x.to(compute), self, self.packed, self.absmax, self.nested_absmax)
         return out.to(x.dtype)
 
     def storage_bytes(self) -> int:
@@ -212,14 +278,14 @@ class QuantizedLinear(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for key, value in self.nf4.to_bnb_state_dict(prefix).items():
+        for key, value in to_bnb_state_dict(self.nf4, prefix).items():
             destination[key] = value if keep_vars else value.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        expected = set(self.nf4.to_bnb_state_dict(prefix))
+        expected = set(to_bnb_state_dict(self.nf4, prefix))
         if self.bias is not None:
             expected.add(prefix + "bias")
         present = {k for k in state_dict if k.startswith(prefix)}
@@ -229,7 +295,7 @@ class QuantizedLinear(nn.Module):
         if expected - present:
             return
         try:
-            q = NF4Weight.from_bnb_state_dict(state_dict, prefix)
+            q = from_bnb_state_dict(state_dict, prefix)
             self._set_weight(q.to(self.packed.device))
         except ValueError as exc:
             error_msgs.append(f"{prefix}weight: {exc}")
@@ -281,12 +347,13 @@ def quantize_model(model: nn.Module, target_modules, blocksize: int = 64,
 
 
 def wrap_minigpt_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0,
-                       quant_scheme: str = "nf4_per_group_64", target_modules=MINIGPT_TARGETS,
+                       quant_scheme: str = DEFAULT_QUANT_SCHEME, target_modules=MINIGPT_TARGETS,
                        compute_dtype: torch.dtype | None = None, **lora_kw) -> nn.Module:
     """The course's QLoRA: each target Linear becomes LoRALinear(QuantizedLinear); A, B train.
 
     ``lora_kw`` go to :func:`minituner.lora.apply_lora` (dropout, init, seed, ...). All
-    arguments are checked before the model is touched. The bases share one DequantBuffer.
+    arguments are checked before the model is touched. The bases share one DequantBuffer; read
+    the quantization settings back with :func:`quantization_summary`.
     """
     blocksize, double_quant = parse_quant_scheme(quant_scheme)
     _linear_targets(model, target_modules, compute_dtype)
@@ -295,60 +362,55 @@ def wrap_minigpt_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0,
     for _, layer in lora_layers(model):
         layer.base = QuantizedLinear.from_linear(layer.base, blocksize, double_quant,
                                                  compute_dtype, buffer)
-    model.qlora_config = {"quant_scheme": quant_scheme, "blocksize": blocksize,
-                          "double_quant": double_quant,
-                          "compute_dtype": None if compute_dtype is None else str(compute_dtype)}
     return model
 
 
-@torch.no_grad()
-def _merged_base(layer) -> nn.Module:
-    """(dequantized W) + scaling * B @ A of a LoRALinear over a QuantizedLinear, in fp32."""
-    base = layer.base
-    weight = base.dequantized_weight(torch.float32) + layer.delta_weight().float()
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                       device=weight.device)
-    linear.weight.copy_(weight)
-    if base.bias is not None:
-        linear.bias.copy_(base.bias)
-    return linear.requires_grad_(False)
+def scheme_name(blocksize: int, double_quant: bool) -> str | None:
+    """The QUANT_SCHEMES name of a (blocksize, double quantization) pair, or None."""
+    return next((name for name, value in QUANT_SCHEMES.items()
+                 if value == (blocksize, double_quant)), None)
+
+
+def quantization_summary(model: nn.Module) -> dict | None:
+    """How the model's NF4 layers are stored, read from the layers themselves (None: no NF4).
+
+    Keys: method, quant_scheme (None for an unnamed setting), blocksize, double_quant,
+    compute_dtype (None: the input's), prequantized (every layer read from a bitsandbytes
+    checkpoint), quantized_modules.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return None
+    settings = {(m.blocksize, m.double_quant, m.compute_dtype) for m in layers}
+    if len(settings) != 1:
+        raise ValueError("the model's quantized layers disagree on block size, double "
+                         "quantization or compute dtype")
+    blocksize, double_quant, compute = settings.pop()
+    return {
+        "method": "nf4", "quant_scheme": scheme_name(blocksize, double_quant),
+        "blocksize": blocksize, "double_quant": double_quant,
+        "compute_dtype": None if compute is None else str(compute).removeprefix("torch."),
+        "prequantized": all(m.origin.prequantized for m in layers),
+        "quantized_modules": len(layers),
+    }
 
 
 @torch.no_grad()
 def merge_quantized_lora(model: nn.Module, target: str | None = "dequantized",
                          probe=None) -> MergeReport:
-    """Fold every adapter into its base and report the logit change on ``probe``.
+    """Fold every adapter into its NF4 base and report the logit change on ``probe``.
 
     "dequantized" (default): the base becomes an fp32 ``nn.Linear`` holding the NF4-dequantized
     weight plus the update; outputs match the unmerged model up to float rounding.
     "requantized": W + update is quantized again to NF4 with fresh scales (same block size and
     double quantization); this changes outputs, and the report says by how much.
     The LoRA wrappers stay (marked merged) until :func:`minituner.lora.merge_and_unload`.
+    This is :func:`minituner.lora.merge_lora` with an NF4 target (QuantizedLinear.merged_with).
     """
     target = "dequantized" if target is None else target
     if target not in MERGE_TARGETS:
         raise ValueError(f"target must be one of {list(MERGE_TARGETS)}, got {target!r}")
-    layers = [m for _, m in lora_layers(model)]
-    if not layers:
-        raise ValueError("model has no LoRA layers to merge")
-    if any(m.merged for m in layers):
-        raise ValueError("model is already merged")
-    before = run_probe(model, probe)
-    for layer in layers:
-        base = layer.base
-        if not isinstance(base, QuantizedLinear):
-            layer.merge()
-            continue
-        merged = _merged_base(layer)
-        if target == "requantized":
-            q = quantize_nf4(merged.weight.to(base.weight_dtype), base.blocksize,
-                             base.double_quant)
-            merged = QuantizedLinear(q, base.bias, base.compute_dtype, base.dequant_buffer)
-        layer.base = merged
-        layer.merged = True
-    max_diff, mean_diff = output_drift(before, run_probe(model, probe))
-    return MergeReport(n_layers=len(layers), target=target, max_abs_diff=max_diff,
-                       mean_abs_diff=mean_diff)
+    return merge_lora(model, probe=probe, target=target)
 
 
 @dataclass(frozen=True)
