@@ -9,6 +9,7 @@ import pytest
 from minituner.course import corpus, data
 from minituner.course import verbs as V
 from minituner.models.tokenizer import Tokenizer
+from minituner.util.jsonl import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +19,13 @@ def tokenizer(tiny_base_run):
 
 @pytest.fixture(scope="module")
 def sft(tiny_base_run, tokenizer):
-    return data.build_sft_set(corpus.read_jsonl(tiny_base_run / "corpus" / "irregular.jsonl"),
+    return data.build_sft_set(read_jsonl(tiny_base_run / "corpus" / "irregular.jsonl"),
                               tokenizer)
 
 
 @pytest.fixture(scope="module")
 def control(tiny_base_run):
-    return data.build_control_set(corpus.read_jsonl(tiny_base_run / "corpus" / "test.jsonl"))
+    return data.build_control_set(read_jsonl(tiny_base_run / "corpus" / "test.jsonl"))
 
 
 def test_frame_split_is_8_1_1_per_tense_and_disjoint():

@@ -14,11 +14,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minituner.quiz import QuizError, default_quiz_path, load_quiz, parse_quiz, repo_root
+from minituner.cli import main as cli_main
+from minituner.quiz import (
+    QuizError,
+    checkout_root,
+    default_quiz_path,
+    default_results_path,
+    load_quiz,
+    parse_quiz,
+)
+from minituner.quiz import locations as quiz_locations
 from minituner.quiz.page import page_name, render_page, render_pages, stale_pages, write_pages
 from minituner.quiz.take import load_answers, order_questions, parse_choice, take_quiz
 
-ROOT = repo_root()
+ROOT = Path(__file__).resolve().parents[2]
 QUIZ_PATH = default_quiz_path(ROOT)
 PAGES_DIR = ROOT / "docs" / "quizzes"
 
@@ -260,6 +269,49 @@ def test_cli_render_check(tmp_path):
     assert _cli("render", "--out-dir", str(tmp_path), "--check").returncode == 1
     assert _cli("render", "--out-dir", str(tmp_path)).returncode == 0
     assert _cli("render", "--out-dir", str(tmp_path), "--check").returncode == 0
+
+
+def test_cli_render_defaults_to_the_checkout_pages():
+    result = _cli("render", "--check", cwd=ROOT / "tests")
+    assert result.returncode == 0, result.stderr
+    assert str(PAGES_DIR) in result.stdout
+
+
+def test_cli_render_outside_a_checkout_needs_out_dir(monkeypatch, capsys):
+    monkeypatch.setattr(quiz_locations, "checkout_root", lambda: None)
+    assert cli_main(["quiz", "render"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "minituner quiz: error: --out-dir: not in a minituner checkout; "
+        "name where to write the pages"
+    )
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def test_the_checkout_is_found_from_the_package():
+    assert checkout_root() == ROOT
+    assert QUIZ_PATH == ROOT / "data" / "quizzes" / "phase-28-lora-qlora.yaml"
+
+
+@pytest.mark.parametrize(
+    ("packaged", "documented"),
+    [
+        (default_quiz_path(), "data/quizzes/phase-28-lora-qlora.yaml"),
+        (default_results_path(), "docs/results/phase-28.json"),
+    ],
+)
+def test_package_data_is_a_link_to_the_documented_file(packaged, documented):
+    """The package's quiz and results files are symlinks to the checkout's files, so the two
+    cannot drift; the documented paths hold the real bytes."""
+    assert packaged.parent == ROOT / "src" / "minituner" / "quiz" / "data"
+    assert packaged.is_symlink() and packaged.resolve() == (ROOT / documented).resolve()
+    assert not (ROOT / documented).is_symlink()
+    assert packaged.read_bytes() == (ROOT / documented).read_bytes()
+
+
+def test_default_quiz_is_the_package_copy():
+    assert load_quiz() == load_quiz(QUIZ_PATH)
 
 
 # ----------------------------------------------------------------------------- take

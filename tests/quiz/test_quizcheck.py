@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from minituner.quiz import Tolerant, default_quiz_path, load_quiz, repo_root
+from minituner.quiz import Tolerant, default_quiz_path, default_results_path, load_quiz
 from minituner.quiz import check as quizcheck
 from minituner.quiz import check_memory as quizcheck_memory
-from minituner.quiz.results import RESULTS_RELPATH, load_results
+from minituner.quiz.locations import RESULTS_RELPATH
+from minituner.quiz.results import load_results, read_results
 from minituner.quiz.verify import compare_expected, compare_options, run_checks, run_one
 
-ROOT = repo_root()
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS_QUESTIONS = {"q-28-11", "q-28-13"}
 
 
@@ -49,10 +50,11 @@ def _results(**changes) -> dict:
 
 
 def _write_results(root: Path, data: dict) -> Path:
+    """Write ``data`` where checkout ``root`` keeps its results file; returns that path."""
     path = root / RESULTS_RELPATH
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data), encoding="utf-8")
-    return root
+    return path
 
 
 # ----------------------------------------------------------------------------- option tables
@@ -105,10 +107,10 @@ def test_a_raising_check_is_an_error_not_a_pass(quiz):
     def broken(root):
         raise ModuleNotFoundError("No module named 'minituner.nope'")
 
-    outcome = run_one(quiz.question("q-28-01"), broken, ROOT)
+    outcome = run_one(quiz.question("q-28-01"), broken, default_results_path())
     assert outcome.status == "error" and not outcome.passed
     assert "minituner.nope" in outcome.message
-    wrong = run_one(quiz.question("q-28-01"), lambda root: {3}, ROOT)
+    wrong = run_one(quiz.question("q-28-01"), lambda results: {3}, default_results_path())
     assert wrong.status == "mismatch" and not wrong.passed
 
 
@@ -116,15 +118,25 @@ def test_a_raising_check_is_an_error_not_a_pass(quiz):
 
 
 def test_results_missing_fails_the_results_checks(quiz, tmp_path):
-    outcomes = run_checks(quiz, tmp_path, sorted(RESULTS_QUESTIONS))
+    outcomes = run_checks(quiz, tmp_path / RESULTS_RELPATH, sorted(RESULTS_QUESTIONS))
     assert [o.status for o in outcomes] == ["error", "error"]
-    assert all(str(RESULTS_RELPATH) in o.message for o in outcomes)
+    assert all(str(tmp_path / RESULTS_RELPATH) in o.message for o in outcomes)
 
 
 def test_results_checks_read_the_file(quiz, tmp_path):
-    root = _write_results(tmp_path, _results())
-    outcomes = run_checks(quiz, root, sorted(RESULTS_QUESTIONS))
+    path = _write_results(tmp_path, _results())
+    outcomes = run_checks(quiz, path, sorted(RESULTS_QUESTIONS))
     assert all(o.passed for o in outcomes), [o.to_dict() for o in outcomes]
+    changed = _write_results(tmp_path, _results(sweep__elbow_rank=32))
+    assert [o.status for o in run_checks(quiz, changed, ["q-28-13"])] == ["mismatch"]
+
+
+def test_results_checks_default_to_the_packaged_file(quiz):
+    """Without a path the checks read the results file shipped in the package."""
+    assert default_results_path().name == "phase-28.json"
+    assert load_results() == load_results(ROOT)
+    outcomes = run_checks(quiz, None, sorted(RESULTS_QUESTIONS))
+    assert [o.status for o in outcomes] == ["ok", "ok"], [o.to_dict() for o in outcomes]
 
 
 @pytest.mark.parametrize(
@@ -141,8 +153,8 @@ def test_results_checks_read_the_file(quiz, tmp_path):
     ],
 )
 def test_results_checks_follow_the_numbers(tmp_path, changes, check, true_options):
-    root = _write_results(tmp_path, _results(**changes))
-    assert quizcheck.CHECKS[check](root) == true_options
+    path = _write_results(tmp_path, _results(**changes))
+    assert quizcheck.CHECKS[check](path) == true_options
 
 
 @pytest.mark.parametrize(
@@ -164,9 +176,10 @@ def test_results_file_is_validated(tmp_path, changes, message):
 def test_results_file_missing_key(tmp_path):
     data = _results()
     del data["full_ft"]["control_ppl_change"]
-    _write_results(tmp_path, data)
-    with pytest.raises(ValueError, match="missing key 'full_ft.control_ppl_change'"):
-        load_results(tmp_path)
+    path = _write_results(tmp_path, data)
+    with pytest.raises(ValueError, match="missing key 'full_ft.control_ppl_change'") as error:
+        read_results(path)
+    assert str(error.value).startswith(f"{path}: ")
 
 
 # ----------------------------------------------------------------------------- the real checks
@@ -178,7 +191,7 @@ QUANTIZATION_QUESTIONS = ["q-28-05", "q-28-06", "q-28-07", "q-28-08", "q-28-09",
 
 @pytest.mark.parametrize("question_id", LIBRARY_QUESTIONS + QUANTIZATION_QUESTIONS)
 def test_check_agrees_with_the_quiz(quiz, question_id):
-    (outcome,) = run_checks(quiz, ROOT, [question_id])
+    (outcome,) = run_checks(quiz, None, [question_id])
     assert outcome.passed, outcome.to_dict()
 
 
@@ -200,6 +213,15 @@ def test_cli_check_reports_missing_results_as_failed(tmp_path):
     table = _cli("--root", str(tmp_path), "--quiz", str(default_quiz_path(ROOT)),
                  "--ids", "q-28-11")
     assert table.returncode == 1 and "FAILED" in table.stdout
+
+
+def test_cli_check_reads_an_explicit_results_file(tmp_path):
+    path = _write_results(tmp_path / "elsewhere", _results(sweep__elbow_rank=32))
+    result = _cli("--results", str(path), "--ids", "q-28-11,q-28-13", "--json", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    outcomes = {o["id"]: o for o in json.loads(result.stdout)}
+    assert outcomes["q-28-11"]["status"] == "ok"
+    assert outcomes["q-28-13"]["status"] == "mismatch"
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
     """Add ``quiz`` with its subcommands validate, render, take and check."""
     parser = subparsers.add_parser(
         "quiz", help="the phase quiz: validate, render, take, check",
-        description="Work with the phase quiz (data/quizzes/*.yaml is the source of truth).",
+        description="Work with the phase quiz (data/quizzes/*.yaml is the source of truth; "
+                    "minituner carries a copy, so the quiz works outside a checkout too).",
     )
     quiz_commands = parser.add_subparsers(dest="quiz_command", metavar="SUBCOMMAND")
     quiz_commands.required = True
@@ -26,7 +27,9 @@ def register(subparsers) -> None:
 
     render = quiz_commands.add_parser("render", help="write the Markdown pages (en, es)")
     _common(render)
-    render.add_argument("--out-dir", help="where to write the pages (default docs/quizzes)")
+    render.add_argument(
+        "--out-dir", help="where to write the pages (default docs/quizzes of the checkout)"
+    )
     render.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 if the pages are stale"
     )
@@ -43,20 +46,41 @@ def register(subparsers) -> None:
 
     check = quiz_commands.add_parser("check", help="recompute checked answers with minituner")
     _common(check)
+    check.add_argument(
+        "--results",
+        help="results JSON the results questions read (default docs/results/phase-28.json "
+             "of the checkout, else the copy installed with minituner)",
+    )
     check.add_argument("--ids", help="comma-separated question ids (default: all)")
     check.add_argument("--json", action="store_true", help="print the outcomes as JSON")
     check.set_defaults(func=run_check)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", help="checkout root (default: this checkout)")
-    parser.add_argument("--quiz", help="quiz YAML (default data/quizzes/phase-28-lora-qlora.yaml)")
+    parser.add_argument(
+        "--root",
+        help="checkout root (default: the checkout minituner runs from or the working directory "
+             "when it is one, else the files installed with minituner)",
+    )
+    parser.add_argument(
+        "--quiz",
+        help="quiz YAML (default data/quizzes/phase-28-lora-qlora.yaml of the checkout, else "
+             "the copy installed with minituner)",
+    )
+
+
+def _root(args) -> Path | None:
+    """The checkout to read from and write to, or None for the package's own files."""
+    from minituner.quiz.locations import checkout_root
+
+    return Path(args.root) if args.root else checkout_root()
 
 
 def _load(args):
-    from minituner.quiz.schema import default_quiz_path, load_quiz, repo_root
+    from minituner.quiz.locations import default_quiz_path
+    from minituner.quiz.schema import load_quiz
 
-    root = Path(args.root) if args.root else repo_root()
+    root = _root(args)
     path = Path(args.quiz) if args.quiz else default_quiz_path(root)
     return root, load_quiz(path)
 
@@ -77,10 +101,13 @@ def run_validate(args) -> int:
 
 def run_render(args) -> int:
     """Write (or with --check, compare) the English and Spanish pages."""
+    from minituner.quiz.locations import PAGES_RELPATH
     from minituner.quiz.page import stale_pages, write_pages
 
     root, quiz = _load(args)
-    out_dir = Path(args.out_dir) if args.out_dir else root / "docs" / "quizzes"
+    if args.out_dir is None and root is None:
+        raise ValueError("--out-dir: not in a minituner checkout; name where to write the pages")
+    out_dir = Path(args.out_dir) if args.out_dir else root / PAGES_RELPATH
     if args.check:
         stale = stale_pages(quiz, out_dir)
         if stale:
@@ -114,10 +141,12 @@ def run_take(args) -> int:
 
 def run_check(args) -> int:
     """Run every check; print a table (or JSON); exit 1 on any failure."""
+    from minituner.quiz.locations import default_results_path
     from minituner.quiz.verify import format_table, run_checks
 
     root, quiz = _load(args)
-    outcomes = run_checks(quiz, root, _ids(args.ids))
+    results = Path(args.results) if args.results else default_results_path(root)
+    outcomes = run_checks(quiz, results, _ids(args.ids))
     if args.json:
         print(json.dumps([outcome.to_dict() for outcome in outcomes], indent=2))
     else:

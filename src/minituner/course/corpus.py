@@ -10,13 +10,15 @@ so the base model over-regularises and LoRA has something real to fix. Those for
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from minituner.course import verbs as V
-from minituner.util.files import atomic_write_json, atomic_write_text, sha256_file
+from minituner.util.files import atomic_write_json, sha256_file
+from minituner.util.jsonl import jsonl_text as jsonl_text  # old name; use minituner.util.jsonl
+from minituner.util.jsonl import read_jsonl as read_jsonl  # old name; use minituner.util.jsonl
+from minituner.util.jsonl import write_jsonl
 
 CORPUS_FORMAT_VERSION = 1
 
@@ -186,27 +188,6 @@ def split_records(records: list, seed: int, fractions=(0.9, 0.05, 0.05)) -> dict
     }
 
 
-def jsonl_text(records: list) -> str:
-    """One compact JSON object per line, keys sorted (stable bytes)."""
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
-
-
-def read_jsonl(path: str | Path) -> list:
-    """Read a JSONL file, naming the line of any invalid record."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-    return records
-
-
 def pretraining_texts(records: list) -> list:
     """The English and the Spanish line of each record, as separate training texts."""
     return [text for r in records for text in (r["en"], r["es"])]
@@ -243,7 +224,7 @@ def write_corpus(out_dir: str | Path, seed: int = 0, tokenizer=None) -> dict:
         "files": {},
     }
     for name, recs in files.items():
-        path = atomic_write_text(out / f"{name}.jsonl", jsonl_text(recs))
+        path = write_jsonl(out / f"{name}.jsonl", recs)
         manifest["files"][f"{name}.jsonl"] = sha256_file(path)
     atomic_write_json(out / "manifest.json", manifest)
     return manifest

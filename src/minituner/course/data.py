@@ -26,6 +26,7 @@ import torch
 
 from minituner.course import corpus
 from minituner.course import verbs as V
+from minituner.util.jsonl import read_jsonl
 
 BLANK = "___"
 BLANK_TENSES = ("past", "participle")
@@ -198,7 +199,7 @@ def control_texts(records: list, source: str = "control set") -> list:
 
 def load_user_examples(path: str | Path) -> list:
     """A user's {"prompt", "completion"} JSONL, checked line by line."""
-    records = corpus.read_jsonl(path)
+    records = read_jsonl(path, what="examples file")
     if not records:
         raise ValueError(f"{path}: no examples")
     for number, record in enumerate(records, start=1):

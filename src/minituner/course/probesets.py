@@ -1,8 +1,8 @@
 """The built-in probe sets and control set, generated deterministically from the seed-0 corpus.
 
-The committed files in ``src/minituner/probes/`` are exactly what :func:`write_builtin_files`
-writes (a test regenerates and compares them); regenerate with
-``python -m minituner.course.probesets src/minituner/probes``.
+The committed files in ``src/minituner/course/probes/`` (package data) are exactly what
+:func:`write_builtin_files` writes (a test regenerates and compares them); regenerate with
+``python -m minituner.course.probesets src/minituner/course/probes``.
 
 - irregular_past / irregular_participle: every line of the held-out *test* frames (one frame
   per tense, never in the SFT training or validation split): correct form vs the
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import random
 import sys
+import tempfile
 from pathlib import Path
 
-from minituner.course import corpus
 from minituner.course import verbs as V
 from minituner.course.data import BLANK, blank_pair, build_control_set, split_frames
-from minituner.util.files import atomic_write_text
+from minituner.course.pretraining import build_corpus
+from minituner.util.jsonl import read_jsonl, write_jsonl
 
 
 def _ordered(correct: str, wrong: str, rng: random.Random) -> list:
@@ -101,36 +102,32 @@ def misconjugation_probes(mis_records: list, test_records: list, seed: int = 0) 
 def builtin_sets(corpus_dir: str | Path) -> dict:
     """{file stem: records} of every built-in file, from a corpus folder."""
     folder = Path(corpus_dir)
-    irregular = corpus.read_jsonl(folder / "irregular.jsonl")
-    test = corpus.read_jsonl(folder / "test.jsonl")
+    irregular = read_jsonl(folder / "irregular.jsonl")
+    test = read_jsonl(folder / "test.jsonl")
     control = build_control_set(test)
     return {
         "irregular_past": irregular_probes(irregular, "past"),
         "irregular_participle": irregular_probes(irregular, "participle"),
         "regular_control": regular_probes(control),
         "misconjugation": misconjugation_probes(
-            corpus.read_jsonl(folder / "misconjugations.jsonl"), test),
+            read_jsonl(folder / "misconjugations.jsonl"), test),
         "control_set": control,
     }
 
 
 def write_builtin_files(out_dir: str | Path, corpus_dir: str | Path | None = None) -> dict:
     """Write the built-in files (from a fresh seed-0 corpus unless ``corpus_dir`` is given)."""
-    import tempfile
-
-    from minituner.course.pretraining import build_corpus
-
     with tempfile.TemporaryDirectory() as tmp:
         if corpus_dir is None:
             build_corpus(tmp, seed=0)
             corpus_dir = tmp
         sets = builtin_sets(corpus_dir)
     for name, records in sets.items():
-        atomic_write_text(Path(out_dir) / f"{name}.jsonl", corpus.jsonl_text(records))
+        write_jsonl(Path(out_dir) / f"{name}.jsonl", records)
     return {name: len(records) for name, records in sets.items()}
 
 
 if __name__ == "__main__":
-    target = sys.argv[1] if len(sys.argv) > 1 else "src/minituner/probes"
+    target = sys.argv[1] if len(sys.argv) > 1 else "src/minituner/course/probes"
     for stem, count in write_builtin_files(target).items():
         sys.stdout.write(f"{stem}: {count}\n")

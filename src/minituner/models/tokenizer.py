@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer as Engine
+from tokenizers import decoders, models, trainers
+
 from minituner.util.files import atomic_write_json, read_json
 
 TOKENIZER_FORMAT = "minituner-char-bpe"
@@ -59,8 +62,6 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """Read a tokenizer file, refusing other formats and versions by name."""
-        from tokenizers import Tokenizer as Engine
-
         payload = read_json(path, "tokenizer file")
         if payload.get("format") != TOKENIZER_FORMAT:
             found = payload.get("format")
@@ -76,9 +77,6 @@ class Tokenizer:
 
 def train_tokenizer(texts: list, vocab_size: int = 64, context_len: int = 32) -> Tokenizer:
     """Train a char-level BPE on ``texts`` to exactly ``vocab_size`` tokens."""
-    from tokenizers import Tokenizer as Engine
-    from tokenizers import decoders, models, trainers
-
     alphabet = sorted({ch for text in texts for ch in text})
     if len(alphabet) + len(SPECIAL_TOKENS) > vocab_size:
         raise ValueError(

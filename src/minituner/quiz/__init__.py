@@ -1,23 +1,26 @@
-"""The phase quiz: the YAML schema and loader (re-exported here), the checks that recompute its
-answers from minituner's code, the mirror pages and the interactive quiz."""
+"""The phase quiz: the YAML schema, loader and file locations (re-exported here), the checks
+that recompute its answers from minituner's code, the mirror pages and the interactive quiz."""
 
+from minituner.quiz.locations import (
+    QUIZ_NAME,
+    checkout_root,
+    default_quiz_path,
+    default_results_path,
+)
 from minituner.quiz.schema import (
     KINDS,
     LANGS,
     QUESTION_FIELDS,
     QUESTION_ID,
     QUIZ_ID,
-    QUIZ_NAME,
     REQUIRED_FIELDS,
     Question,
     Quiz,
     QuizError,
     Text,
     Tolerant,
-    default_quiz_path,
     load_quiz,
     parse_quiz,
-    repo_root,
 )
 
 __all__ = [
@@ -33,8 +36,9 @@ __all__ = [
     "REQUIRED_FIELDS",
     "Text",
     "Tolerant",
+    "checkout_root",
     "default_quiz_path",
+    "default_results_path",
     "load_quiz",
     "parse_quiz",
-    "repo_root",
 ]

@@ -1,11 +1,11 @@
 """Checks that recompute the quiz's answers from minituner's own code and results.
 
-Each function named in the quiz YAML's ``check`` field takes the checkout root and returns
-either the set of true option numbers (single/multi questions; compared with ``answer``) or a
-dict of named values (free questions; compared with ``expected``). The answers are derived
-from observations (parameter counts, outputs, bit counts, committed measurements), never
-copied from the YAML, so a quiz that drifts from the library fails ``minituner quiz check``.
-Library modules are imported inside the checks so loading the quiz stays cheap.
+Each function named in the quiz YAML's ``check`` field takes the path of the results file (only
+the results questions read it) and returns either the set of true option numbers (single/multi
+questions; compared with ``answer``) or a dict of named values (free questions; compared with
+``expected``). The answers are derived from observations (parameter counts, outputs, bit
+counts, committed measurements), never copied from the YAML, so a quiz that drifts from the
+library fails ``minituner quiz check``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,24 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.nn as nn
+
+from minituner.lora import (
+    LoRALinear,
+    count_lora_params,
+    is_lora_name,
+    lora_layers,
+    lora_ratio,
+    merge_lora,
+    unmerge_lora,
+    wrap_minigpt_with_lora,
+)
+from minituner.models.minigpt import MiniGPT, MiniGPTConfig
+from minituner.quant.qlora import wrap_minigpt_qlora
 from minituner.quiz.check_memory import MEMORY_CHECKS, CheckError
-from minituner.quiz.results import forgetting_options, load_results, sweep_options
+from minituner.quiz.results import forgetting_options, read_results, sweep_options
+from minituner.training.loop import build_optimizer
 
 CHECKS: dict = {}
 
@@ -31,25 +47,17 @@ def check(fn: Callable) -> Callable:
 
 
 def _mini_gpt(seed: int = 0):
-    import torch
-
-    from minituner.models.minigpt import MiniGPT, MiniGPTConfig
-
     with torch.random.fork_rng():  # leave the caller's global RNG alone
         torch.manual_seed(seed)
         return MiniGPT(MiniGPTConfig()).eval()
 
 
 def _wrap(model, r: int, alpha: float):
-    from minituner.lora import wrap_minigpt_with_lora
-
     wrapped = wrap_minigpt_with_lora(model, r=r, alpha=alpha, seed=0)
     return wrapped if wrapped is not None else model
 
 
 def _lora_modules(model) -> list:
-    from minituner.lora import LoRALinear
-
     return [module for module in model.modules() if isinstance(module, LoRALinear)]
 
 
@@ -58,17 +66,13 @@ def _trainable_count(model) -> int:
 
 
 def _tokens(seed: int = 1):
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 64, (4, 32), generator=generator)
 
 
 @check
-def lora_params_per_rank(root: Path) -> set:
+def lora_params_per_rank(results: Path) -> set:
     """q-28-01: count the trainable parameters of all-Linear LoRA at several r."""
-    from minituner.lora import count_lora_params
-
     measured = {}
     for r in (1, 2, 4, 8, 16):
         model = _wrap(_mini_gpt(), r=r, alpha=2 * r)
@@ -84,10 +88,8 @@ def lora_params_per_rank(root: Path) -> set:
 
 
 @check
-def zero_b_keeps_base_output(root: Path) -> set:
+def zero_b_keeps_base_output(results: Path) -> set:
     """q-28-02: B = 0 keeps step-0 outputs equal to the base; a random B moves them."""
-    import torch
-
     base = _mini_gpt()
     tokens = _tokens()
     with torch.no_grad():
@@ -120,8 +122,6 @@ def zero_b_keeps_base_output(root: Path) -> set:
 
 def _adamw_steps(model, tokens, steps: int) -> list:
     """Train the trainable parameters for a few AdamW steps; returns the losses."""
-    import torch
-
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -135,13 +135,8 @@ def _adamw_steps(model, tokens, steps: int) -> list:
 
 
 @check
-def rank_zero_trains_nothing(root: Path) -> set:
+def rank_zero_trains_nothing(results: Path) -> set:
     """q-28-03: wrap at r = 0 and observe parameters, B @ A and the optimizers."""
-    import torch
-
-    from minituner.lora import is_lora_name
-    from minituner.training.loop import build_optimizer
-
     model = _wrap(_mini_gpt(), r=0, alpha=16)
     modules = _lora_modules(model)
     if len(modules) != 12:
@@ -179,12 +174,8 @@ def rank_zero_trains_nothing(root: Path) -> set:
 
 
 @check
-def lora_ratio_by_width(root: Path) -> dict:
+def lora_ratio_by_width(results: Path) -> dict:
     """q-28-04: 2r/h at r = 8 for h = 64, 768, 4096, and a measured h = 64 layer."""
-    import torch.nn as nn
-
-    from minituner.lora import LoRALinear, lora_ratio
-
     ratios = {h: lora_ratio(h, 8) for h in (64, 768, 4096)}
     layer = LoRALinear(nn.Linear(64, 64, bias=False), r=8, alpha=16)
     measured = _trainable_count(layer) / (64 * 64)
@@ -199,8 +190,6 @@ def lora_ratio_by_width(root: Path) -> dict:
 
 def _randomize_b(model, seed: int, std: float = 0.02) -> None:
     """Give every B a random value, as after some training (B = 0 only at step 0)."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in _lora_modules(model):
@@ -209,21 +198,14 @@ def _randomize_b(model, seed: int, std: float = 0.02) -> None:
 
 def _requantized_merge_drift() -> float:
     """Largest logit change when a QLoRA Mini-GPT merges its adapters back into NF4."""
-    from minituner.lora import merge_lora
-    from minituner.quant.qlora import wrap_minigpt_qlora
-
     model = wrap_minigpt_qlora(_mini_gpt(), r=8, alpha=16, seed=0)
     _randomize_b(model, seed=3)
     return merge_lora(model, probe=_tokens(), target="requantized").max_abs_diff
 
 
 @check
-def merge_exactness(root: Path) -> set:
+def merge_exactness(results: Path) -> set:
     """q-28-10: merge into full-precision and NF4 bases, compare outputs, rank and unmerge."""
-    import torch
-
-    from minituner.lora import lora_layers, merge_lora, unmerge_lora
-
     model = _wrap(_mini_gpt(), r=8, alpha=16)
     _randomize_b(model, seed=3)
     layers = lora_layers(model)
@@ -251,17 +233,14 @@ def merge_exactness(root: Path) -> set:
 
 
 @check
-def forgetting_from_results(root: Path) -> set:
+def forgetting_from_results(results: Path) -> set:
     """q-28-11: classify the committed control-perplexity changes of LoRA r=8 and full FT."""
-    return forgetting_options(load_results(root))
+    return forgetting_options(read_results(results))
 
 
 @check
-def rslora_scaling(root: Path) -> set:
+def rslora_scaling(results: Path) -> set:
     """q-28-12: how alpha/r and alpha/sqrt(r) change from r = 8 to r = 32 at fixed alpha."""
-    import torch.nn as nn
-
-    from minituner.lora import LoRALinear
 
     def scale(r: int, rslora: bool) -> float:
         return LoRALinear(nn.Linear(64, 64), r=r, alpha=16, use_rslora=rslora).scaling
@@ -281,9 +260,9 @@ def rslora_scaling(root: Path) -> set:
 
 
 @check
-def rank_sweep_from_results(root: Path) -> set:
+def rank_sweep_from_results(results: Path) -> set:
     """q-28-13: classify the committed rank sweep's accuracy curve."""
-    return sweep_options(load_results(root))
+    return sweep_options(read_results(results))
 
 
 for _memory_check in MEMORY_CHECKS:  # q-28-05 to q-28-09, in minituner.quiz.check_memory

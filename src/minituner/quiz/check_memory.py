@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minituner.training.memory import GB
+import torch
+from torch.distributions import Normal
+
+from minituner.quant.nf4 import NF4_CODE, quantize_nf4
+from minituner.training.memory import (
+    GB,
+    base_weight_bytes,
+    full_ft_state_bytes,
+    plan_memory,
+    qlora_paper_settings,
+)
 
 # Option order of the choice questions; tests compare these with the YAML's option text.
 Q07_BITS = ((4.0, 4.0), (4.5, 4.127), (4.5, 4.0), (5.0, 4.5))
@@ -21,12 +31,8 @@ class CheckError(RuntimeError):
     """A check whose observations contradict each other (a library bug, not a quiz bug)."""
 
 
-def nf4_code_facts(root: Path) -> set:
+def nf4_code_facts(results: Path) -> set:
     """q-28-06: read NF4_CODE and compare it with normalised N(0, 1) quantiles."""
-    import torch
-
-    from minituner.quant.nf4 import NF4_CODE
-
     code = torch.as_tensor(NF4_CODE, dtype=torch.float64).flatten()
     gaps = code[1:] - code[:-1]
     quantiles = _normal_quantile_levels()
@@ -46,9 +52,6 @@ def nf4_code_facts(root: Path) -> set:
 
 def _normal_quantile_levels():
     """16 levels: 8 positive and 7 negative N(0, 1) quantiles, a zero, scaled to [-1, 1]."""
-    import torch
-    from torch.distributions import Normal
-
     normal, offset = Normal(0.0, 1.0), 0.9677083
     positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
     negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
@@ -56,12 +59,8 @@ def _normal_quantile_levels():
     return levels / levels.abs().max()
 
 
-def nf4_bits_per_weight(root: Path) -> set:
+def nf4_bits_per_weight(results: Path) -> set:
     """q-28-07: bits per weight of NF4 tensors without and with double quantization."""
-    import torch
-
-    from minituner.quant.nf4 import quantize_nf4
-
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(1024, 4096, generator=generator) * 0.02
     bits = []
@@ -80,10 +79,8 @@ def nf4_bits_per_weight(root: Path) -> set:
     }
 
 
-def full_ft_bytes_per_param(root: Path) -> set:
+def full_ft_bytes_per_param(results: Path) -> set:
     """q-28-08: ask the memory planner for mixed-precision full fine-tuning of LLaMA-7B."""
-    from minituner.training.memory import full_ft_state_bytes, plan_memory
-
     plan = plan_memory("llama-7b", "full-mixed", batch=1, seq=1)
     n_params = plan.assumptions["n_params"]
     state = plan.buckets["weights"] + plan.buckets["gradients"] + plan.buckets["optimizer"]
@@ -99,13 +96,11 @@ def full_ft_bytes_per_param(root: Path) -> set:
 
 
 def _base_gigabytes_65b() -> tuple:
-    from minituner.training.memory import base_weight_bytes
-
     n_params = 65_000_000_000
     return base_weight_bytes(n_params, "fp16") / GB, base_weight_bytes(n_params, "nf4-dq") / GB
 
 
-def qlora_65b_base_sizes(root: Path) -> set:
+def qlora_65b_base_sizes(results: Path) -> set:
     """q-28-09: a 65B base in 16-bit and in NF4 with double quantization, per the planner."""
     sixteen_bit, nf4 = _base_gigabytes_65b()
     return {
@@ -115,10 +110,8 @@ def qlora_65b_base_sizes(root: Path) -> set:
     }
 
 
-def qlora_65b_fits_48gb(root: Path) -> dict:
+def qlora_65b_fits_48gb(results: Path) -> dict:
     """q-28-05: plan QLoRA-paper training of LLaMA-65B with a 16-bit base and with NF4."""
-    from minituner.training.memory import plan_memory, qlora_paper_settings
-
     settings = qlora_paper_settings()
     method = settings.pop("method")
     qlora = plan_memory("llama-65b", method, **settings)

@@ -1,7 +1,8 @@
 """The committed phase-28 measurements that the quiz's results questions are checked against.
 
-``docs/results/phase-28.json`` is written by the fine-tuning experiment. The quiz reads only
-these keys (others are allowed and ignored)::
+``docs/results/phase-28.json`` is written by the fine-tuning experiment and ships with the
+package (:mod:`minituner.quiz.locations`). The quiz reads only these keys (others are allowed
+and ignored)::
 
     {
       "command": "<the exact command that produced the file>",
@@ -24,28 +25,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minituner.quiz.locations import default_results_path
 from minituner.util.files import read_json
 
-RESULTS_RELPATH = Path("docs") / "results" / "phase-28.json"
 SWEEP_RANKS = [2, 4, 8, 16, 32]
 CONTROL_PPL_BAR = 0.05  # the course's bar: control perplexity up by at most 5%
 
 
-def results_path(root: Path) -> Path:
-    """Where the phase-28 results file lives under the checkout ``root``."""
-    return Path(root) / RESULTS_RELPATH
+def load_results(root: str | Path | None = None) -> dict:
+    """Read and validate the results file of checkout ``root`` (None: the package's copy)."""
+    return read_results(default_results_path(root))
 
 
-def load_results(root: Path) -> dict:
-    """Read and validate the results file; a missing file or key is a one-line error."""
-    path = results_path(root)
+def read_results(path: str | Path) -> dict:
+    """Read and validate a results file; a missing file or key is a one-line error naming it."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{RESULTS_RELPATH}: results file missing (written by the phase-28 experiment)"
+            f"{path}: results file missing (written by the phase-28 experiment)"
         )
     data = read_json(path, what="results file")
     if not isinstance(data, dict):
-        raise ValueError(f"{RESULTS_RELPATH}: must hold a JSON object")
+        raise ValueError(f"{path}: must hold a JSON object")
+    try:
+        _validate(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return data
+
+
+def _validate(data: dict) -> None:
     _require(data, "command", str)
     _require(data, "seed", int)
     for section in ("lora_r8", "full_ft", "sweep"):
@@ -54,13 +63,12 @@ def load_results(root: Path) -> dict:
     _fraction(data["lora_r8"], "lora_r8.irregular_accuracy_tuned")
     _fraction_change(data, "full_ft", "control_ppl_change")
     _sweep(data["sweep"])
-    return data
 
 
 def _require(mapping: dict, key: str, kind: type, where: str = "") -> object:
     name = f"{where}.{key}" if where else key
     if key not in mapping:
-        raise ValueError(f"{RESULTS_RELPATH}: missing key '{name}'")
+        raise ValueError(f"missing key '{name}'")
     value = mapping[key]
     if kind in (int, float):
         ok = isinstance(value, (int, float) if kind is float else int)
@@ -68,39 +76,39 @@ def _require(mapping: dict, key: str, kind: type, where: str = "") -> object:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise ValueError(f"{RESULTS_RELPATH}: '{name}' must be {kind.__name__}, got {value!r}")
+        raise ValueError(f"'{name}' must be {kind.__name__}, got {value!r}")
     return value
 
 
 def _fraction_change(data: dict, section: str, key: str) -> None:
     value = _require(data[section], key, float, section)
     if value <= -1:
-        raise ValueError(f"{RESULTS_RELPATH}: '{section}.{key}' must be > -1, got {value!r}")
+        raise ValueError(f"'{section}.{key}' must be > -1, got {value!r}")
 
 
 def _fraction(mapping: dict, name: str) -> None:
     section, key = name.split(".")
     value = _require(mapping, key, float, section)
     if not 0 <= value <= 1:
-        raise ValueError(f"{RESULTS_RELPATH}: '{name}' must be a fraction in [0, 1]")
+        raise ValueError(f"'{name}' must be a fraction in [0, 1]")
 
 
 def _sweep(sweep: dict) -> None:
     ranks = _require(sweep, "ranks", list, "sweep")
     if ranks != SWEEP_RANKS:
-        raise ValueError(f"{RESULTS_RELPATH}: 'sweep.ranks' must be {SWEEP_RANKS}, got {ranks}")
+        raise ValueError(f"'sweep.ranks' must be {SWEEP_RANKS}, got {ranks}")
     for key in ("irregular_accuracy", "control_ppl"):
         values = _require(sweep, key, list, "sweep")
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if len(values) != len(ranks) or not numbers:
             raise ValueError(
-                f"{RESULTS_RELPATH}: 'sweep.{key}' must hold {len(ranks)} numbers, one per rank"
+                f"'sweep.{key}' must hold {len(ranks)} numbers, one per rank"
             )
     if not all(0 <= v <= 1 for v in sweep["irregular_accuracy"]):
-        raise ValueError(f"{RESULTS_RELPATH}: 'sweep.irregular_accuracy' must be fractions")
+        raise ValueError("'sweep.irregular_accuracy' must be fractions")
     elbow = _require(sweep, "elbow_rank", int, "sweep")
     if elbow not in ranks:
-        raise ValueError(f"{RESULTS_RELPATH}: 'sweep.elbow_rank' {elbow} is not one of {ranks}")
+        raise ValueError(f"'sweep.elbow_rank' {elbow} is not one of {ranks}")
 
 
 def forgetting_options(results: dict) -> set:

@@ -1,6 +1,7 @@
-"""The phase quiz: schema, validating loader and default locations.
+"""The phase quiz: schema and validating loader.
 
-``data/quizzes/phase-28-lora-qlora.yaml`` is the source of truth. Every question has an id
+``data/quizzes/phase-28-lora-qlora.yaml`` is the source of truth (the package carries it; see
+:mod:`minituner.quiz.locations`). Every question has an id
 (``q-28-NN``), a kind (single, multi or free), English and Spanish text, an answer and
 optionally a ``check``: the name of a function in :mod:`minituner.quiz.check` that recomputes
 the answer from minituner's own code, so the quiz cannot drift away from what the library
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from minituner.quiz.check import CHECKS
+from minituner.quiz.locations import default_quiz_path
+
 LANGS = ("en", "es")
 KINDS = ("single", "multi", "free")
-QUIZ_NAME = "phase-28-lora-qlora"
 QUESTION_ID = re.compile(r"^q-(\d{2})-(\d{2})$")
 QUIZ_ID = re.compile(r"^phase-(\d{2})(-[a-z0-9]+)+$")
 QUESTION_FIELDS = {
@@ -99,19 +102,6 @@ class Quiz:
         return [self.question(question_id) for question_id in ids]
 
 
-def repo_root() -> Path:
-    """The checkout this package runs from (src layout), else the working directory."""
-    checkout = Path(__file__).resolve().parents[3]
-    if (checkout / "data" / "quizzes").is_dir():
-        return checkout
-    return Path.cwd()
-
-
-def default_quiz_path(root: Path | None = None) -> Path:
-    """Where the phase quiz YAML lives under ``root``."""
-    return (root or repo_root()) / "data" / "quizzes" / f"{QUIZ_NAME}.yaml"
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects a mapping with the same key twice (YAML would keep the last)."""
 
@@ -133,7 +123,8 @@ _UniqueKeyLoader.add_constructor(
 
 
 def load_quiz(path: str | Path | None = None) -> Quiz:
-    """Read and validate a quiz YAML file; errors start with the file name."""
+    """Read and validate a quiz YAML file (default: the package's copy); errors start with the
+    file name."""
     path = Path(path) if path is not None else default_quiz_path()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: quiz file not found")
@@ -279,8 +270,6 @@ def _tags(value, qid: str) -> tuple:
 def _check_name(value, qid: str) -> str | None:
     if value is None:
         return None
-    from minituner.quiz.check import CHECKS
-
     if not isinstance(value, str) or value not in CHECKS:
         raise QuizError(f"{qid}.check: unknown check {value!r} (not in minituner.quiz.check)")
     return value

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from minituner.quiz.check import CHECKS
+from minituner.quiz.locations import default_results_path
 from minituner.quiz.schema import Question, Quiz, Tolerant
 
 STATUSES = ("ok", "mismatch", "error")
@@ -46,23 +48,23 @@ class CheckOutcome:
         }
 
 
-def run_checks(quiz: Quiz, root: Path, ids: list | None = None) -> list:
-    """Run the check of every selected question that has one; returns CheckOutcomes in order."""
-    from minituner.quiz.check import CHECKS
-
+def run_checks(quiz: Quiz, results: str | Path | None = None, ids: list | None = None) -> list:
+    """Run the check of every selected question that has one, reading the results file
+    ``results`` (default: the package's copy); returns CheckOutcomes in question order."""
+    results = Path(results) if results is not None else default_results_path()
     outcomes = []
     for question in quiz.select(ids):
         if question.check is None:
             continue
-        outcomes.append(run_one(question, CHECKS[question.check], Path(root)))
+        outcomes.append(run_one(question, CHECKS[question.check], results))
     return outcomes
 
 
-def run_one(question: Question, fn, root: Path) -> CheckOutcome:
-    """Run one check function and compare its result with the question's answer."""
+def run_one(question: Question, fn, results: Path) -> CheckOutcome:
+    """Run one check function on the results file and compare its result with the answer."""
     want = _plain(question.expected) if question.kind == "free" else sorted(question.answer)
     try:
-        got = fn(root)
+        got = fn(results)
     except Exception as exc:  # any failure of a check is reported, never raised
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from minituner.course.corpus import jsonl_text
-from minituner.util.files import atomic_write, atomic_write_text
+from minituner.util.files import atomic_write
+from minituner.util.jsonl import write_jsonl
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
@@ -99,7 +99,7 @@ class RunWriter:
         """Rewrite train_log.jsonl with every record so far (atomic, small)."""
         if not self.enabled:
             return None
-        return atomic_write_text(self.run_dir / LOG_FILE, jsonl_text(log))
+        return write_jsonl(self.run_dir / LOG_FILE, log)
 
     def write(self, write_fn, *args, **kwargs) -> object:
         """Call ``write_fn(*args, **kwargs)`` on the writing rank only; returns its result."""

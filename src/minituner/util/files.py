@@ -8,9 +8,11 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 
@@ -131,8 +133,6 @@ def git_sha() -> str | None:
 
 def package_versions() -> dict:
     """Versions of minituner and the libraries that decide its numbers."""
-    from importlib import metadata
-
     versions = {"python": platform.python_version()}
     for name in ("minituner", "torch", "safetensors", "tokenizers", "transformers", "peft",
                  "bitsandbytes", "torchao"):
@@ -174,8 +174,7 @@ def run_manifest(seed: int, data_files: dict | None = None, **extra) -> dict:
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (ru_maxrss), imports included."""
-    import resource
-    import sys
+    import resource  # POSIX only
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
