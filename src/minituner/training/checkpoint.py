@@ -11,18 +11,29 @@ launcher can make every write rank-0-only by passing ``enabled=False`` on the ot
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
 
 import torch
 
-from minituner.course.corpus import jsonl_text
 from minituner.util.files import atomic_write, atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 _NAME = re.compile(r"^step-(\d{6,})\.pt$")
+
+
+def jsonl_text(records: list) -> str:
+    """One compact JSON object per line, keys sorted (stable bytes)."""
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+
+
+def write_jsonl(path: str | Path, records: list) -> Path:
+    """Write ``records`` as JSONL atomically: every JSONL file of a fine-tuning run but the
+    log goes through here."""
+    return atomic_write_text(Path(path), jsonl_text(records))
 
 
 def capture_rng() -> dict:
