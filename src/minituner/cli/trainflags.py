@@ -111,7 +111,8 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                              + (' (hf: models: required; {"text"} lines too)' if model_flags
                                 else ""))
     parser.add_argument("--val-data", metavar="FILE", default=None,
-                        help="validation JSONL for --train-data (default: 10%% of it)")
+                        help="validation JSONL for --train-data (Mini-GPT default: 10%% of it"
+                             + ("; hf: models: --val-fraction, or none)" if model_flags else ")"))
     parser.add_argument("--quant-scheme", default=None,
                         help=f"QLoRA: NF4 scheme {default('quant_scheme')}")
     if model_flags:
