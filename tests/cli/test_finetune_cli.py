@@ -144,7 +144,80 @@ def test_config_file_then_flags(tiny_base_run, tmp_path, capsys):
     config.write_text("rnak: 2\n")
     assert main(["finetune", "--base", str(tiny_base_run), "--config", str(config),
                  "--out", str(tmp_path / "bad")]) == 1
-    assert "unknown key(s) ['rnak']" in one_line_error(capsys)
+    err = one_line_error(capsys)
+    assert "unknown key(s) ['rnak']" in err and "known keys: [" in err and "'rank'" in err
+
+
+def test_config_file_reads_numbers_written_as_text(tiny_base_run, tmp_path):
+    config = tmp_path / "ft.yaml"  # PyYAML reads 1e-3 (no dot) as the text "1e-3"
+    config.write_text(f"model: {tiny_base_run}\nlr: 1e-3\nsteps: 2\nbatch_size: 8\n"
+                      "replay: 0.25\nkl: 0\n")
+    out = tmp_path / "run"
+    assert main(["finetune", "--config", str(config), "--out", str(out)]) == 0
+    recorded = read_json(out / "config.json")
+    assert recorded["finetune"]["lr"] == 0.001 and recorded["finetune"]["model"] == str(
+        tiny_base_run)
+    assert recorded["format"] == 1 and recorded["model_kind"] == "minigpt"
+
+
+def test_threads_take_effect_and_are_recorded(tiny_base_run, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    seen: list = []
+    out = tmp_path / "run"
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(out), "--threads", "2",
+                 *TINY]) == 0
+    assert seen == [2] and read_json(out / "config.json")["finetune"]["threads"] == 2
+    # threads do not decide results: a resume on another thread count is accepted
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(out), "--threads", "1",
+                 "--resume", *TINY]) == 0
+
+
+def test_resume_names_the_settings_that_differ(tiny_base_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(out), "--resume",
+                 "--lr", "0.5", *TINY]) == 1
+    assert "finetune.lr" in one_line_error(capsys)
+
+
+def test_a_newer_run_folder_format_is_refused(lora_run, tiny_base_run, tmp_path, capsys):
+    newer = tmp_path / "newer"
+    shutil.copytree(lora_run, newer)
+    config = read_json(newer / "config.json")
+    (newer / "config.json").write_text(json.dumps({**config, "format": 99}))
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(newer), "--resume",
+                 *TINY]) == 1
+    err = one_line_error(capsys)
+    assert "config.json" in err and "'format'" in err
+    assert main(["eval", "--model", str(newer)]) == 1
+    assert "'format'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-len", "16"], "--max-len cannot be used with Mini-GPT models"),
+    (["--use-rslora"], "--use-rslora cannot be used with Mini-GPT models"),
+    (["--dtype", "bf16"], "--dtype cannot be used with Mini-GPT models"),
+    (["--val-fraction", "0.2"], "--val-fraction cannot be used with Mini-GPT models"),
+    (["--device", "cpu"], "--device cannot be used with Mini-GPT models"),
+])
+def test_a_flag_the_model_kind_cannot_use_is_one_line(tiny_base_run, tmp_path, capsys, flags,
+                                                      message):
+    out = tmp_path / "x"
+    assert main(["finetune", "--base", str(tiny_base_run), "--out", str(out), *flags]) == 1
+    assert message in one_line_error(capsys) and not out.exists()
+
+
+def test_help_shows_the_defaults_of_each_model_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("optimizer steps (default 600; hf: models 100)",
+                  "peak learning rate (default 0.01; hf: models 0.0002)",
+                  "(default 32; hf: models 8)", "LoRA dropout (default 0.2; hf: models 0)"):
+        assert shown in text, shown
 
 
 def test_user_training_file(tiny_base_run, tmp_path, capsys):
@@ -162,7 +235,7 @@ def test_user_training_file(tiny_base_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("line, message", [
     ("lr: abc\n", "'lr' must be a number, got 'abc'"),
-    ("batch_size: \"8\"\n", "'batch_size' must be an integer, got '8'"),
+    ("batch_size: \"8x\"\n", "'batch_size' must be an integer, got '8x'"),
     ("kl: true\n", "'kl' must be a number, got True"),
     ("steps: 2.5\n", "'steps' must be an integer or null, got 2.5"),
     ("targets: attn\n", "'targets' must be a list of strings or null, got 'attn'"),
@@ -257,7 +330,7 @@ def test_run_with_progress_closes_the_bar_when_the_run_fails(monkeypatch):
             events.append("close")
 
     def failing(base, out, cfg, resume, overwrite, on_start, on_step):
-        on_start(3)
+        on_start({"steps": 3})
         on_step({})
         raise ValueError("boom")
 

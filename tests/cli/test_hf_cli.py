@@ -8,7 +8,7 @@ import pytest
 from hf_helpers import write_data
 
 from minituner.cli import build_parser, main
-from minituner.cli.hf_commands import hf_finetune_config
+from minituner.cli.trainflags import config_from_args
 
 FAST = ["--steps", "2", "--batch-size", "4", "--eval-every", "2", "--checkpoint-every", "2",
         "--rank", "2", "--device", "cpu"]
@@ -93,7 +93,7 @@ def test_config_file_settings_reach_the_run(tmp_path):
         path.write_text(json.dumps(values))
         args = build_parser().parse_args(["finetune", "--model", "hf:m", "--data", "d.jsonl",
                                           "--out", "o", "--config", str(path), *flags])
-        return hf_finetune_config(args)
+        return config_from_args(args)
 
     cfg = settings({"dtype": "bf16", "lr": 0.001})
     assert cfg.dtype == "bf16" and cfg.lr == 0.001 and cfg.steps == 100 and cfg.rank == 8
@@ -112,9 +112,66 @@ def test_config_file_of_the_wrong_type_is_one_line(tmp_path, toy_hf_model, capsy
         path.write_text(json.dumps({field: value}))
         code = main(["finetune", "--model", f"hf:{toy_hf_model('gpt2')}", "--data", str(data),
                      "--out", str(tmp_path / "run"), "--config", str(path)])
-        assert f"{field} must be" in one_line_error(capsys, code)
+        assert f"'{field}' must be" in one_line_error(capsys, code)
 
 
 def test_unknown_device_is_one_line(tmp_path, toy_hf_model, capsys):
     code = main(["eval", "--model", f"hf:{toy_hf_model('gpt2')}", "--device", "gpu"])
     assert "--device must be auto, cpu or cuda[:N], got 'gpu'" in one_line_error(capsys, code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replay", "0.5"], "--replay cannot be used with transformers (hf:) models"),
+    (["--kl", "1"], "--kl cannot be used with transformers (hf:) models"),
+    (["--replay", "0.5", "--kl", "1"], "--replay cannot be used with transformers (hf:) models"),
+    (["--method", "full"], "--method must be one of ['lora', 'qlora'] for transformers"),
+    (["--dropout", "1.5"], "--dropout"),
+])
+def test_a_setting_the_model_kind_cannot_use_is_one_line(tmp_path, capsys, flags, message):
+    argv = ["finetune", "--model", "hf:m", "--data", "d.jsonl", "--out", str(tmp_path / "x"),
+            *flags]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # an argparse range check (--dropout 1.5)
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2) and len(err) == 1 and message in err[0], err
+    assert "--lora-dropout" not in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_dropout_out_of_range_from_a_config_file_names_dropout(tmp_path, capsys):
+    path = tmp_path / "settings.yaml"
+    path.write_text("dropout: 1.5\n")
+    code = main(["finetune", "--model", "hf:m", "--data", "d.jsonl", "--out",
+                 str(tmp_path / "x"), "--config", str(path)])
+    assert "--dropout must be a fraction in [0, 1), got 1.5" in one_line_error(capsys, code)
+
+
+def test_a_config_file_describes_a_whole_transformers_run(tmp_path, toy_hf_model, monkeypatch):
+    import torch
+
+    data = write_data(tmp_path / "data.jsonl")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: hf:{toy_hf_model('gpt2')}\ndata: {data}\nval_fraction: 0.25\n"
+                    "lr: 1e-3\nsteps: 2\nbatch_size: 4\nrank: 2\neval_every: 2\nthreads: 2\n")
+    seen: list = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    out = tmp_path / "run"
+    assert main(["finetune", "--config", str(path), "--out", str(out), "--device", "cpu"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    settings = config["finetune"]
+    assert (settings["lr"], settings["val_fraction"], settings["threads"]) == (0.001, 0.25, 2)
+    assert settings["model"].startswith("hf:") and settings["train_data"] == str(data)
+    assert config["format"] == 1 and config["model_kind"] == "hf" and seen == [2]
+    results = json.loads((out / "results.json").read_text())
+    assert results["validation_examples"] == 6 and results["steps"] == 2
+
+
+def test_config_file_unknown_keys_list_the_known_ones(tmp_path, capsys):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"lrate": 1, "rnak": 2}))
+    code = main(["finetune", "--model", "hf:m", "--data", "d.jsonl", "--out",
+                 str(tmp_path / "x"), "--config", str(path)])
+    err = one_line_error(capsys, code)
+    assert "unknown key(s) ['lrate', 'rnak']; known keys: [" in err and "'val_fraction'" in err

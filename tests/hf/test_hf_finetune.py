@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from minituner.hf import load_hf_model
 from minituner.hf.finetune import (
-    HFFinetuneConfig,
     NoGradientError,
     check_lora_gradients,
     enable_grad_checkpointing,
@@ -20,13 +19,14 @@ from minituner.hf.finetune import (
 )
 from minituner.lora import apply_lora, lora_layers
 from minituner.lora.adapters import load_adapter
+from minituner.training.config import FinetuneConfig
 
 
-def config(model_dir, data, **overrides) -> HFFinetuneConfig:
-    settings = {"model": f"hf:{model_dir}", "data": str(data), "val_fraction": 0.25, "steps": 6,
-                "batch_size": 4, "lr": 1e-2, "eval_every": 2, "checkpoint_every": 2,
+def config(model_dir, data, **overrides) -> FinetuneConfig:
+    settings = {"model": f"hf:{model_dir}", "train_data": str(data), "val_fraction": 0.25,
+                "steps": 6, "batch_size": 4, "lr": 1e-2, "eval_every": 2, "checkpoint_every": 2,
                 "warmup": 0.0, "rank": 4}
-    return HFFinetuneConfig(**{**settings, **overrides})
+    return FinetuneConfig.for_kind("hf", **{**settings, **overrides})
 
 
 def adapter_tensors(run_dir) -> dict:
@@ -116,7 +116,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, toy_hf_model):
     data = write_data(tmp_path / "data.jsonl")
     cases = [({"method": "full"}, "--method must be one of"),
              ({"max_len": 4096}, "--max-len 4096 exceeds the model's context of 128"),
-             ({"targets": "q_proj"}, "'q_proj' matches no Linear"),
+             ({"targets": ["q_proj"]}, "'q_proj' matches no Linear"),
              ({"batch_size": 64}, "cannot fill one batch of 64")]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message) as info:
@@ -126,13 +126,23 @@ def test_bad_settings_are_one_line_errors(tmp_path, toy_hf_model):
 
 
 @pytest.mark.parametrize("field, value", [("lr", "abc"), ("max_len", "x"), ("max_len", 8.5),
-                                          ("val_fraction", "0.1"), ("epochs", "2"),
+                                          ("val_fraction", "0.1x"), ("epochs", True),
                                           ("batch_size", True), ("weight_decay", None),
-                                          ("grad_clip", "1"), ("steps", 2.0),
-                                          ("use_rslora", "yes")])
+                                          ("grad_clip", "1 0"), ("steps", 2.0),
+                                          ("use_rslora", "yes"), ("steps", "2.5")])
 def test_settings_of_the_wrong_type_name_the_field(field, value):
-    settings = {"model": "hf:m", "data": "d.jsonl", field: value}
-    with pytest.raises(ValueError, match=rf"^{field} must be") as info:
-        HFFinetuneConfig.from_dict(settings).validate()
+    settings = {"model": "hf:m", "train_data": "d.jsonl", field: value}
+    with pytest.raises(ValueError, match=rf"^finetune config: '{field}' must be") as info:
+        FinetuneConfig.from_dict(settings).validate()
     assert "\n" not in str(info.value) and repr(value) in str(info.value)
-    assert HFFinetuneConfig(lr=1, warmup=0, max_len=8, val_fraction=0.5).validate()
+    cfg = FinetuneConfig.for_kind("hf", model="hf:m", lr=1, warmup=0, max_len=8,
+                                  val_fraction=0.5)
+    assert cfg.validate() is cfg
+
+
+@pytest.mark.parametrize("field, text, value", [("lr", "1e-3", 0.001), ("epochs", "2", 2.0),
+                                                ("batch_size", "8", 8),
+                                                ("val_fraction", "0.1", 0.1)])
+def test_numbers_written_as_text_are_read_as_numbers(field, text, value):
+    cfg = FinetuneConfig.from_dict({"model": "hf:m", field: text})
+    assert getattr(cfg, field) == value and type(getattr(cfg, field)) is type(value)

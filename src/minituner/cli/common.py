@@ -81,17 +81,3 @@ def load_config_file(path: str | None) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{file}: config must be a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
-
-
-def merge_config(args: argparse.Namespace, parser_defaults: dict, config: dict) -> dict:
-    """Defaults < config file < flags explicitly given; unknown config keys are errors."""
-    unknown = sorted(set(config) - set(parser_defaults))
-    if unknown:
-        raise ValueError(f"config file: unknown key(s) {unknown}")
-    merged = dict(parser_defaults)
-    merged.update(config)
-    for key, default in parser_defaults.items():
-        value = getattr(args, key, default)
-        if value != default:
-            merged[key] = value
-    return merged

@@ -70,14 +70,14 @@ def canonical_command(args) -> str:
         parts += ["--base", str(args.base)]
     for key in finetune_defaults():
         value = getattr(args, key, None)
-        if value is None or key in ("method", "rank"):
+        if value is None or key in ("method", "rank", "model", "threads"):
             continue
         flag = "--" + key.replace("_", "-")
         parts += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     parts += ["--lr-grid", args.lr_grid, "--ranks", args.ranks,
               "--qlora-epochs", f"{args.qlora_epochs:g}",
               "--qlora-batch-size", str(args.qlora_batch_size),
-              "--repeat-seeds", args.repeat_seeds, "--threads", str(args.threads)]
+              "--repeat-seeds", args.repeat_seeds, "--threads", str(args.threads or 1)]
     if args.config:
         parts += ["--config", args.config]
     if args.results_json:

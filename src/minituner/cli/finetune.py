@@ -1,6 +1,9 @@
-"""``minituner finetune``: LoRA, QLoRA or full fine-tuning of a Mini-GPT base run."""
+"""``minituner finetune``: LoRA, QLoRA or full fine-tuning of a Mini-GPT base run, or LoRA and
+QLoRA of a transformers model (``--model hf:DIR``), with one set of flags for both."""
 
 from __future__ import annotations
+
+import sys
 
 from minituner.cli.trainflags import (
     DEFAULT_BASE,
@@ -14,22 +17,21 @@ from minituner.cli.trainflags import (
 def register(subparsers) -> None:
     """Add the ``finetune`` subcommand."""
     parser = subparsers.add_parser(
-        "finetune", help="fine-tune a base run with LoRA, QLoRA or full fine-tuning",
-        description="Teach the base the irregular past and participle forms (or your own "
-                    "prompt/completion JSONL) and evaluate before and after. Against forgetting: "
-                    "--replay (base-corpus rows per batch) and --kl (KL to the frozen base on "
-                    "those rows).",
+        "finetune", help="fine-tune a Mini-GPT base run or a transformers model (hf:DIR)",
+        description="Mini-GPT (--base RUN): teach the base the irregular past and participle "
+                    "forms (or your own prompt/completion JSONL) and evaluate before and after; "
+                    "against forgetting: --replay (base-corpus rows per batch) and --kl (KL to "
+                    "the frozen base on those rows). Transformers (--model hf:DIR --data FILE): "
+                    "LoRA or QLoRA on your JSONL. Defaults differ per model kind; --help shows "
+                    "both.",
     )
-    add_training_flags(parser)
-    parser.add_argument("--base", default=DEFAULT_BASE,
-                        help=f"pretrained base run folder (default {DEFAULT_BASE}, the demo's)")
+    add_training_flags(parser, model_flags=True)
+    parser.add_argument("--base", default=None,
+                        help=f"Mini-GPT base run folder (default {DEFAULT_BASE}, the demo's)")
     parser.add_argument("--out", required=True, help="run folder to write")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a different run")
-    from minituner.cli.hf_commands import add_hf_finetune_flags
-
-    add_hf_finetune_flags(parser)  # --model hf:DIR --data FILE ... (transformers models)
     parser.set_defaults(func=run)
 
 
@@ -47,20 +49,76 @@ def print_headline(results: dict, out: str) -> None:
 
 def run(args) -> int:
     """Train, evaluate and write the run folder; print the headline numbers."""
+    cfg = config_from_args(args)
+    if cfg.model is None:
+        cfg = cfg.replace(model=DEFAULT_BASE)
+    apply_threads(cfg.threads)
+    if cfg.kind == "hf":
+        return run_hf(args, cfg)
+    return run_minigpt(args, cfg)
+
+
+def run_minigpt(args, cfg) -> int:
+    """Fine-tune a Mini-GPT base run and print its headline numbers."""
     from minituner.course.finetune import run_with_progress
 
-    if getattr(args, "model", None):  # a transformers model: hf:DIR
-        from minituner.cli.hf_commands import run_hf_finetune_command
-
-        return run_hf_finetune_command(args)
-    apply_threads(args)
-    cfg = config_from_args(args)
     progress = Progress(f"{cfg.method} r={cfg.rank}" if cfg.method != "full" else "full")
-    results = run_with_progress(args.base, args.out, cfg, progress, resume=args.resume,
+    results = run_with_progress(cfg.model, args.out, cfg, progress, resume=args.resume,
                                 overwrite=args.overwrite)
     print_headline(results, args.out)
     if "qlora" in results:
         diff = results["qlora"]["logit_difference"]
         print(f"QLoRA vs same adapter on the fp32 base: mean |logit diff| "
               f"{diff['mean_abs']:.4f} = {100 * diff['relative']:.2f}% of mean |logit|")
+    return 0
+
+
+def run_hf(args, cfg) -> int:
+    """Fine-tune a transformers model with a progress bar on rank 0; print the settings first
+    and the result last."""
+    from minituner.hf.finetune import run_hf_finetune
+    from minituner.hf.models import dtype_name
+    from minituner.training.distributed import shutdown_distributed
+
+    if not cfg.train_data:
+        raise ValueError("--data: give the training JSONL file for an hf: model")
+    device = args.device or "auto"
+    progress = Progress(f"{cfg.method} r={cfg.rank}")
+    state = {"main": True}
+
+    def on_start(info: dict) -> None:
+        state["main"] = info["dist"].is_main
+        if not state["main"]:
+            return
+        data = info["data"]
+        print(f"device {info['device']} (--device {device}), dtype "
+              f"{dtype_name(info['dtype'])} (--dtype {cfg.dtype}), processes "
+              f"{info['dist'].world_size}, global batch {cfg.batch_size}, method {cfg.method} "
+              f"r={cfg.rank}, lr {cfg.lr:g}, steps {info['steps']}", flush=True)
+        if data.train.truncated:
+            lines = data.train.truncated
+            print(f"warning: {len(lines)} training example(s) longer than {data.max_len} tokens "
+                  f"were truncated (lines {lines[:5]}{' ...' if len(lines) > 5 else ''}); "
+                  "--strict-len refuses them instead", file=sys.stderr, flush=True)
+        if data.train.dropped:
+            print(f"warning: {len(data.train.dropped)} example(s) kept no completion token "
+                  "after truncation and were dropped", file=sys.stderr, flush=True)
+        progress.start(info["steps"])
+
+    def on_step(record: dict) -> None:
+        if state["main"]:
+            progress.on_step(record)
+
+    try:
+        results = run_hf_finetune(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                                  on_step=on_step, device=device, on_start=on_start)
+    finally:
+        progress.close()
+        shutdown_distributed()
+    if state["main"]:
+        best = results["best_val_loss"]
+        print(f"{cfg.method} r={cfg.rank}: {results['steps']} steps in {results['wall_s']:.1f} s"
+              f", final loss {results['final_loss']:.4f}"
+              + (f", best val loss {best:.4f} at step {results['best_step']}" if best else "")
+              + f" -> {args.out}/adapter")
     return 0

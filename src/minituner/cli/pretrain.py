@@ -11,11 +11,16 @@ DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "seed": 0}
 
 def add_pretrain_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``pretrain`` and ``demo``."""
-    parser.add_argument("--steps", type=positive_int, default=DEFAULTS["steps"])
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"])
-    parser.add_argument("--seed", type=nonneg_int, default=DEFAULTS["seed"])
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"pretraining steps (default {DEFAULTS['steps']})")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help=f"rows per batch (default {DEFAULTS['batch_size']})")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help=f"peak learning rate (default {DEFAULTS['lr']:g})")
+    parser.add_argument("--seed", type=nonneg_int, default=None,
+                        help=f"seed (default {DEFAULTS['seed']})")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON file of pretraining settings (flags given here win)")
 
 
 def register(subparsers) -> None:
@@ -32,14 +37,14 @@ def register(subparsers) -> None:
 
 def pretrain_config_from_args(args) -> object:
     """PretrainConfig from defaults < --config file < explicit flags."""
-    from minituner.cli.common import merge_config
-    from minituner.training.loop import PretrainConfig
+    from minituner.training.config import PretrainConfig
+    from minituner.util.config import from_dict, merge_settings, typed_values
 
-    merged = merge_config(args, DEFAULTS, load_config_file(args.config))
-    return PretrainConfig(
-        steps=int(merged["steps"]), batch_size=int(merged["batch_size"]),
-        lr=float(merged["lr"]), seed=int(merged["seed"]),
-    )
+    from_file = typed_values(PretrainConfig, load_config_file(args.config),
+                             f"config file {args.config}")
+    flags = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key, None) is not None}
+    merged = merge_settings(DEFAULTS, from_file, flags)
+    return from_dict(PretrainConfig, merged, "pretrain config")
 
 
 def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool = False) -> dict:

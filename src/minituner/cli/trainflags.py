@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from minituner.cli.common import (
     fraction,
     load_config_file,
-    merge_config,
     nonneg_float,
     nonneg_int,
     positive_float,
@@ -34,80 +33,154 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def finetune_defaults() -> dict:
-    """Flag defaults = FinetuneConfig's defaults."""
-    from minituner.training.config import FinetuneConfig
+def finetune_defaults(kind: str = "minigpt") -> dict:
+    """Flag defaults of a model kind ('minigpt' or 'hf'): FinetuneConfig's defaults for it."""
+    from minituner.training.config import kind_defaults
 
-    return FinetuneConfig().to_dict()
+    return kind_defaults(kind)
 
 
-def add_training_flags(parser: argparse.ArgumentParser, method: bool = True) -> None:
-    """--method --rank --alpha --steps/--epochs --batch-size ... --config --out (defaults None:
-    unset flags fall back to the config file, then to FinetuneConfig's defaults)."""
-    from minituner.training.config import DEFAULT_STEPS
+def _default(name: str, kinds: tuple, fmt: str = "") -> str:
+    """'(default 600; hf: models 100)': the default of each kind that may use the setting."""
+    values = {kind: format(finetune_defaults(kind)[name], fmt) for kind in kinds}
+    if len(set(values.values())) == 1:
+        return f"(default {next(iter(values.values()))})"
+    return f"(default {values['minigpt']}; hf: models {values['hf']})"
 
-    d = finetune_defaults()
+
+def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
+                       model_flags: bool = False) -> None:
+    """--method --rank --alpha --steps/--epochs --batch-size ... --config (defaults None: unset
+    flags fall back to the config file, then to the model kind's defaults). ``model_flags``
+    adds --model and the transformers settings (``finetune``)."""
+    kinds = ("minigpt", "hf") if model_flags else ("minigpt",)
+    hf_only = "hf: models only. "
+
+    def default(name: str, fmt: str = "") -> str:
+        return _default(name, kinds, fmt)
+
+    if model_flags:
+        parser.add_argument("--model", default=None, metavar="RUN|hf:DIR",
+                            help="the base to fine-tune: a Mini-GPT run folder (like --base) or "
+                                 "hf:DIR, a transformers model directory")
     if method:
         parser.add_argument("--method", default=None, metavar="{lora,qlora,full}",
-                            help=f"lora, qlora or full (default {d['method']})")
+                            help="lora, qlora or full (Mini-GPT only) (default lora)")
         parser.add_argument("--rank", type=nonneg_int, default=None,
-                            help=f"LoRA rank r (default {d['rank']})")
+                            help=f"LoRA rank r {default('rank')}")
     parser.add_argument("--alpha", type=positive_float, default=None,
-                        help=f"LoRA alpha; scaling = alpha / r (default {d['alpha']:g})")
+                        help=f"LoRA alpha; scaling = alpha / r {default('alpha', 'g')}")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, default=None,
-                        help=f"optimizer steps (default {DEFAULT_STEPS})")
+                        help=f"optimizer steps {default('steps')}")
     length.add_argument("--epochs", type=positive_float, default=None,
-                        help="passes over the SFT training examples instead of --steps")
+                        help="passes over the training examples instead of --steps")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help=f"rows per micro-batch, replay rows included "
-                             f"(default {d['batch_size']})")
+                             f"{default('batch_size')}")
     parser.add_argument("--grad-accum", type=positive_int, default=None,
-                        help="micro-batches per optimizer step (default 1)")
+                        help=f"micro-batches per optimizer step {default('grad_accum')}")
     parser.add_argument("--lr", type=positive_float, default=None,
-                        help=f"peak learning rate (default {d['lr']:g})")
+                        help=f"peak learning rate {default('lr', 'g')}")
     parser.add_argument("--warmup", type=fraction, default=None,
-                        help=f"warmup fraction of the steps (default {d['warmup']:g})")
-    parser.add_argument("--weight-decay", type=nonneg_float, default=None)
+                        help=f"warmup fraction of the steps {default('warmup', 'g')}")
+    parser.add_argument("--weight-decay", type=nonneg_float, default=None,
+                        help=f"AdamW weight decay {default('weight_decay', 'g')}")
+    mg_only = "Mini-GPT only. " if model_flags else ""
     parser.add_argument("--replay", type=fraction, default=None,
-                        help=f"fraction of each batch drawn from the base's pretraining lines "
-                             f"(default {d['replay']:g}; 0 = none)")
+                        help=f"{mg_only}fraction of each batch drawn from the base's pretraining "
+                             f"lines (default {finetune_defaults()['replay']:g}; 0 = none)")
     parser.add_argument("--kl", type=nonneg_float, default=None,
-                        help=f"weight of KL(base || tuned) on replay rows (default {d['kl']:g}; "
-                             "0 = none)")
+                        help=f"{mg_only}weight of KL(base || tuned) on replay rows (default "
+                             f"{finetune_defaults()['kl']:g}; 0 = none)")
     parser.add_argument("--replay-nll", type=nonneg_float, default=None,
-                        help="weight of the next-token loss on replay rows (default 1; 0 keeps "
-                             "only the KL term there)")
-    parser.add_argument("--dropout", type=fraction, default=None, help="LoRA dropout (0)")
+                        help=f"{mg_only}weight of the next-token loss on replay rows (default 1; "
+                             "0 keeps only the KL term there)")
+    parser.add_argument("--dropout", type=fraction, default=None,
+                        help=f"LoRA dropout {default('dropout', 'g')}")
     parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
-                        help="module-name suffixes to adapt (default: all 12 Linears)")
+                        help="module-name suffixes to adapt (default: every Linear)")
     parser.add_argument("--eval-every", type=positive_int, default=None,
-                        help=f"validation every N steps (default {d['eval_every']})")
+                        help=f"validation every N steps {default('eval_every')}")
     parser.add_argument("--checkpoint-every", type=positive_int, default=None,
-                        help=f"checkpoint every N steps (default {d['checkpoint_every']})")
+                        help=f"checkpoint every N steps {default('checkpoint_every')}")
     parser.add_argument("--seed", type=nonneg_int, default=None, help="seed (default 0)")
-    parser.add_argument("--train-data", metavar="FILE", default=None,
-                        help='your own {"prompt", "completion"} JSONL instead of the built-in set')
+    parser.add_argument("--train-data", *(["--data"] if model_flags else []), metavar="FILE",
+                        default=None, dest="train_data",
+                        help='your own {"prompt", "completion"} JSONL instead of the built-in set'
+                             + (' (hf: models: required; {"text"} lines too)' if model_flags
+                                else ""))
     parser.add_argument("--val-data", metavar="FILE", default=None,
-                        help="validation JSONL for --train-data (default: 10%% of it)")
-    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options")
+                        help="validation JSONL for --train-data (Mini-GPT default: 10%% of it"
+                             + ("; hf: models: --val-fraction, or none)" if model_flags else ")"))
+    parser.add_argument("--quant-scheme", default=None,
+                        help=f"QLoRA: NF4 scheme {default('quant_scheme')}")
+    if model_flags:
+        parser.add_argument("--val-fraction", type=positive_float, default=None,
+                            help=f"{hf_only}hold out this fraction of --data for validation")
+        parser.add_argument("--use-rslora", action="store_true", default=None,
+                            help=f"{hf_only}scale by alpha / sqrt(r)")
+        parser.add_argument("--max-len", type=positive_int, default=None,
+                            help=f"{hf_only}tokens per example (default: the model's context); "
+                                 "longer ones are cut")
+        parser.add_argument("--strict-len", action="store_true", default=None,
+                            help=f"{hf_only}refuse an example longer than --max-len instead of "
+                                 "truncating it")
+        parser.add_argument("--chat-template", action="store_true", default=None,
+                            help=f"{hf_only}render each prompt with the tokenizer's chat template")
+        parser.add_argument("--grad-checkpointing", action="store_true", default=None,
+                            help=f"{hf_only}recompute activations in backward (less memory)")
+        parser.add_argument("--dtype", default=None, choices=("auto", "fp32", "bf16"),
+                            help=f"{hf_only}compute dtype; auto (default) = bf16 on CUDA with "
+                                 "bf16 support, else fp32")
+        parser.add_argument("--device", default=None,
+                            help=f"{hf_only}auto (default: CUDA when available), cpu, cuda or "
+                                 "cuda:N")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON file of these settings (flags given here win)")
     add_threads_flag(parser)
 
 
-def config_from_args(args, **overrides) -> FinetuneConfig:
-    """FinetuneConfig from defaults < --config file < explicit flags < ``overrides``."""
-    from minituner.training.config import FinetuneConfig, check_types
+CONFIG_ALIASES = {"data": "train_data", "base": "model"}
 
-    defaults = finetune_defaults()
-    flag_defaults = {key: None for key in defaults}
-    config_path = getattr(args, "config", None)
-    from_file = load_config_file(config_path)
-    merged = merge_config(args, flag_defaults, from_file)
-    check_types(from_file, f"config file {config_path}")
-    values = {key: (defaults[key] if merged.get(key) is None else merged[key]) for key in defaults}
-    for flag, other in (("steps", "epochs"), ("epochs", "steps")):
-        if getattr(args, flag, None) is not None:  # a flag beats the config file's other length
-            values[other] = None
+
+def config_file_values(path: str | None) -> dict:
+    """The settings of a --config file, type-checked (``data`` and ``base`` name
+    ``train_data`` and ``model``)."""
+    from minituner.training.config import FinetuneConfig
+    from minituner.util.config import typed_values
+
+    values = load_config_file(path)
+    values = {CONFIG_ALIASES.get(key, key): value for key, value in values.items()}
+    return typed_values(FinetuneConfig, values, f"config file {path}")
+
+
+def flag_values(args) -> dict:
+    """The FinetuneConfig settings given as flags (a flag left unset is None)."""
+    from minituner.training.config import FIELD_DEFAULTS
+
+    return {key: getattr(args, key) for key in FIELD_DEFAULTS
+            if getattr(args, key, None) is not None}
+
+
+def config_from_args(args, **overrides) -> FinetuneConfig:
+    """FinetuneConfig from the model kind's defaults < --config file < explicit flags <
+    ``overrides``, validated (a setting the kind cannot use is refused by name)."""
+    from minituner.training.config import FinetuneConfig, model_kind
+    from minituner.util.config import merge_settings
+
+    from_file = config_file_values(getattr(args, "config", None))
+    flags = flag_values(args)
+    base = getattr(args, "base", None)
+    if base is not None:
+        if flags.get("model") is not None:
+            raise ValueError("--base: give --model or --base, not both")
+        flags["model"] = base
+    kind = model_kind(flags.get("model", from_file.get("model")))
+    if kind != "hf" and getattr(args, "device", None) is not None:
+        raise ValueError("--device cannot be used with Mini-GPT models (they train on the CPU)")
+    values = merge_settings(finetune_defaults(kind), from_file, flags,
+                            exclusive=[("steps", "epochs")])
     values.update(overrides)
     return FinetuneConfig.from_dict(values).validate()
 
@@ -152,12 +225,15 @@ class Progress:
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     """--threads: torch CPU threads (Mini-GPT is tiny: one thread is fastest, above all on a
     busy machine, where extra threads mostly wait for each other)."""
-    parser.add_argument("--threads", type=positive_int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default 1)")
 
 
-def apply_threads(args) -> None:
-    """Set torch's intra-op thread count from --threads (default 1)."""
+def apply_threads(args_or_threads) -> None:
+    """Set torch's intra-op thread count from --threads (default 1), or from a thread count."""
     import torch
 
-    torch.set_num_threads(getattr(args, "threads", None) or 1)
+    threads = args_or_threads
+    if not isinstance(threads, int) or isinstance(threads, bool):
+        threads = getattr(args_or_threads, "threads", None) or 1
+    torch.set_num_threads(threads)

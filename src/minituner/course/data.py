@@ -22,10 +22,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
-
 from minituner.course import corpus
 from minituner.course import verbs as V
+from minituner.training.sampling import collate
 from minituner.util.jsonl import read_jsonl
 
 BLANK = "___"
@@ -240,20 +239,6 @@ def sequences_of(examples: list, tokenizer, where: str = "examples") -> list:
 
 
 def collate_sequences(sequences: list, pad_id: int, kl_rows: list | None = None) -> dict:
-    """Right-padded batch: input_ids, targets, target_mask, and kl_mask (targets of the rows
-    flagged in ``kl_rows``, the replay rows a KL term keeps close to the base)."""
-    width = max(len(s["ids"]) for s in sequences) - 1
-    shape = (len(sequences), width)
-    batch = {
-        "input_ids": torch.full(shape, pad_id, dtype=torch.long),
-        "targets": torch.full(shape, pad_id, dtype=torch.long),
-        "target_mask": torch.zeros(shape, dtype=torch.bool),
-    }
-    for row, seq in enumerate(sequences):
-        n = len(seq["ids"]) - 1
-        batch["input_ids"][row, :n] = torch.tensor(seq["ids"][:-1])
-        batch["targets"][row, :n] = torch.tensor(seq["ids"][1:])
-        batch["target_mask"][row, :n] = torch.tensor(seq["mask"], dtype=torch.bool)
-    flags = torch.tensor(kl_rows or [False] * len(sequences), dtype=torch.bool)
-    batch["kl_mask"] = batch["target_mask"] & flags[:, None]
-    return batch
+    """Right-padded batch of ``{"ids", "mask"}`` sequences: :func:`minituner.training.sampling.
+    collate`, the one collate of every training and evaluation loop."""
+    return collate(sequences, pad_id, kl_rows)

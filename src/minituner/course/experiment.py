@@ -18,8 +18,12 @@ import time
 from pathlib import Path
 
 from minituner.course.finetune import run_with_progress
+from minituner.course.pretraining import run_pretraining
+from minituner.course.report import write_report
+from minituner.course.sweep import DEFAULT_RANKS, run_sweep
+from minituner.training.config import PretrainConfig
 from minituner.training.loop import NonFiniteLossError
-from minituner.util.files import atomic_write_json, read_json
+from minituner.util.files import atomic_write_bytes, atomic_write_json, read_json
 
 DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2)
 ABLATION = {  # name -> (replay, kl, replay_nll)
@@ -70,16 +74,10 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
                    command: str = "", repeat_seeds=(1, 2),
                    progress=None, on_run=None, results_path=None) -> dict:
     """Run everything into ``out_dir``; returns experiment.json's content."""
-    from minituner.course.report import write_report
-    from minituner.course.sweep import DEFAULT_RANKS, run_sweep
-
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if base is None:
-        from minituner.course.pretraining import run_pretraining
-        from minituner.training.loop import PretrainConfig
-
         run_pretraining(out / "base", pretrain_cfg or PretrainConfig(seed=cfg.seed), reuse=True)
         base = out / "base"
     lora_cfg = dataclasses.replace(cfg, method="lora", rank=8)
@@ -216,7 +214,5 @@ def write_phase28(out_dir, path) -> Path:
     atomic_write_json(path, phase28(out_dir))
     sweep_png = Path(out_dir) / "sweep" / "sweep.png"
     if sweep_png.is_file():
-        from minituner.util.files import atomic_write_bytes
-
         atomic_write_bytes(path.parent / "phase-28-sweep.png", sweep_png.read_bytes())
     return path

@@ -1,4 +1,5 @@
-"""Fine-tuning a Mini-GPT base with LoRA, QLoRA or full fine-tuning, in one loop.
+"""Fine-tuning a Mini-GPT base with LoRA, QLoRA or full fine-tuning: the Mini-GPT backend of
+:func:`minituner.training.pipeline.run_finetune`.
 
 Against forgetting, two explicit options (both on by default, both documented in the report's
 ablation): ``replay`` is the fraction of each batch's rows drawn from the base's pretraining
@@ -15,8 +16,6 @@ fine-tuning run holds model.safetensors + tokenizer.json instead of adapter/ (a 
 from __future__ import annotations
 
 import copy
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,27 +25,32 @@ import torch
 from minituner.course import corpus, data
 from minituner.course.evaluate import (
     builtin_path,
+    control_perplexity,
     evaluate_model,
     load_builtin_probes,
 )
 from minituner.course.objectives import make_loss_fn, make_validator, token_kl
-from minituner.training.checkpoint import (
-    CHECKPOINT_DIR,
-    RunWriter,
-    latest_checkpoint,
-    load_checkpoint,
-)
+from minituner.course.qlora_eval import qlora_comparison
+from minituner.lora import disable_adapters, wrap_minigpt_with_lora
+from minituner.lora.adapters import base_fingerprint, save_adapter
+from minituner.quant.qlora import wrap_minigpt_qlora
+from minituner.training import distributed as D
+from minituner.training import pipeline
+from minituner.training.accounting import training_state_bytes
 from minituner.training.config import DEFAULT_STEPS, METHODS, FinetuneConfig
-from minituner.training.runs import load_model, prepare_run_dir
-from minituner.util.files import atomic_write_json, peak_rss_bytes, run_manifest, sha256_json
+from minituner.training.loop import total_steps
+from minituner.training.runs import load_base_run, save_model
+from minituner.util.files import sha256_json
 
-__all__ = ["DEFAULT_STEPS", "METHODS", "FinetuneConfig", "FinetuneData", "ProgressSink",
-           "build_trainable", "control_records", "load_base", "make_loss_fn", "make_validator",
-           "prepare_data", "run_config", "run_finetune", "run_with_progress", "token_kl",
+__all__ = ["DEFAULT_STEPS", "METHODS", "FinetuneConfig", "FinetuneData", "MiniGPTBackend",
+           "ProgressSink", "build_trainable", "control_records", "load_base", "make_loss_fn",
+           "make_validator", "prepare_data", "run_finetune", "run_with_progress", "token_kl",
            "total_steps"]
 
 PEAK_RSS_NOTE = ("peak resident memory of the whole process so far (ru_maxrss): Python, torch "
                  "and every import included, and every earlier run in the same process")
+
+load_base = load_base_run  # (model, tokenizer, config) of a base run folder
 
 
 @dataclass
@@ -59,17 +63,6 @@ class FinetuneData:
     replay: list
     control: list
     control_texts: list
-
-
-def load_base(base_dir: str | Path) -> tuple:
-    """(model, tokenizer, config) of a base run folder, refusing adapter-only run folders."""
-    base = Path(base_dir)
-    if not base.is_dir():
-        raise FileNotFoundError(f"{base}: base run folder not found")
-    if not (base / "model.safetensors").is_file():
-        raise ValueError(f"{base}: not a model run folder (no model.safetensors); pass a "
-                         "pretrained or merged Mini-GPT run as --base")
-    return load_model(base)
 
 
 def control_records(base_dir) -> list:
@@ -117,20 +110,14 @@ def build_trainable(model, cfg: FinetuneConfig) -> tuple:
         model.requires_grad_(True)
         return model, frozen
     if cfg.method == "lora":
-        from minituner.lora import wrap_minigpt_with_lora
-
         model = wrap_minigpt_with_lora(model, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed,
                                        **_targets(cfg))
     else:
-        from minituner.quant.qlora import wrap_minigpt_qlora
-
         torch.manual_seed(cfg.seed)
         model = wrap_minigpt_qlora(model, r=cfg.rank, alpha=cfg.alpha,
                                    quant_scheme=cfg.quant_scheme)
 
     def reference(input_ids):
-        from minituner.lora import disable_adapters
-
         with disable_adapters(model):
             return model(input_ids)
 
@@ -144,8 +131,6 @@ def _targets(cfg: FinetuneConfig) -> dict:
 
 def ppl_by_tense(model, tokenizer, control: list) -> dict:
     """Control perplexity of each tense's lines (records without a "tense" are skipped)."""
-    from minituner.course.evaluate import control_perplexity
-
     groups: dict = {}
     for record in control:
         if isinstance(record.get("tense"), str):
@@ -154,119 +139,113 @@ def ppl_by_tense(model, tokenizer, control: list) -> dict:
             for tense, records in sorted(groups.items())}
 
 
-def total_steps(cfg: FinetuneConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps: --steps, or --epochs over the SFT training rows."""
-    if cfg.epochs is None:
-        return cfg.steps or DEFAULT_STEPS
-    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+class MiniGPTBackend:
+    """The Mini-GPT side of a fine-tuning run: the verb SFT data, replay and KL, probe
+    evaluation before and after, and the adapter (or, for full fine-tuning, model) saved."""
 
+    run_kind = "finetune"
 
-def run_config(base_dir: Path, base_model, cfg: FinetuneConfig, data_hash: str) -> dict:
-    """config.json: what decides the run (used to refuse a mismatching --resume)."""
-    from minituner.lora.adapters import base_fingerprint
+    def __init__(self, base_dir: str | Path):
+        self.base_dir = Path(base_dir)
+        self.model = self.tokenizer = self.data = self.reference = None
+        self.probes, self.before = None, None
 
-    return {
-        "kind": "finetune", "method": cfg.method, "model": base_model.config.to_dict(),
-        "finetune": cfg.to_dict(),
-        "base": {"path": str(Path(base_dir).resolve()),
-                 "fingerprint": base_fingerprint(base_model)},
-        "data_sha256": data_hash,
-    }
+    def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
+        """One process on the CPU."""
+        return D.DistInfo()
 
+    def prepare(self, cfg: FinetuneConfig) -> pipeline.Prepared:
+        """Load the base run and the SFT, replay and control data."""
+        self.model, self.tokenizer, _ = load_base_run(self.base_dir)
+        self.data = prepared = prepare_data(self.base_dir, self.tokenizer, cfg)
+        identity = {
+            "model": self.model.config.to_dict(),
+            "base": {"path": str(self.base_dir.resolve()),
+                     "fingerprint": base_fingerprint(self.model)},
+            "data_sha256": sha256_json({"sft": prepared.sft, "control": prepared.control,
+                                        "replay": len(prepared.replay)}),
+        }
+        files = {f"sft_{split}": records for split, records in prepared.sft.items()}
+        return pipeline.Prepared(prepared.train, prepared.validation, self.tokenizer.pad_id,
+                                 identity, replay=prepared.replay,
+                                 files={**files, "control": prepared.control})
 
-def _write_data(out: Path, prepared: FinetuneData) -> None:
-    for split, records in prepared.sft.items():
-        atomic_write_json_lines(out / "data" / f"sft_{split}.jsonl", records)
-    atomic_write_json_lines(out / "data" / "control.jsonl", prepared.control)
+    def _evaluate(self, model) -> dict:
+        scores = evaluate_model(model, self.tokenizer, self.probes, self.data.control_texts)
+        scores["control_ppl_by_tense"] = ppl_by_tense(model, self.tokenizer, self.data.control)
+        return scores
 
+    def evaluate_before(self, cfg: FinetuneConfig) -> None:
+        """Probe accuracies and control perplexity of the base."""
+        self.probes = load_builtin_probes()
+        self.before = self._evaluate(self.model)
 
-def atomic_write_json_lines(path: Path, records: list) -> None:
-    """JSONL with sorted keys, atomically."""
-    from minituner.util.files import atomic_write_text
+    def build_trainable(self, cfg: FinetuneConfig):
+        """LoRA/QLoRA-wrapped or unfrozen base, and the frozen reference of the KL term."""
+        self.model, self.reference = build_trainable(self.model, cfg)
+        return self.model
 
-    atomic_write_text(path, corpus.jsonl_text(records))
+    def loss_fn(self, cfg: FinetuneConfig, model):
+        """Completion NLL, plus replay NLL and KL to the reference on replay rows."""
+        return make_loss_fn(self.reference, cfg.kl, cfg.replay_nll)
+
+    def validator(self, cfg: FinetuneConfig, prepared: pipeline.Prepared):
+        """Completion NLL of the SFT validation split."""
+        return make_validator(prepared.validation, prepared.pad_id)
+
+    def start_info(self) -> dict:
+        """Nothing beyond the step count to report."""
+        return {}
+
+    def on_step(self, model, record: dict) -> None:
+        """No per-step check."""
+
+    def results(self, cfg: FinetuneConfig, run: pipeline.TrainedRun) -> dict:
+        """Accuracies and control perplexity before and after, tensor bytes, QLoRA extras."""
+        after = self._evaluate(run.model)
+        tensor_bytes = training_state_bytes(run.model, run.optimizer, run.loss_fn,
+                                            run.batches(0))
+        if cfg.method == "full" and cfg.kl > 0:  # the frozen copy the KL term compares against
+            tensor_bytes["kl_reference_bytes"] = sum(
+                t.numel() * t.element_size() for t in self.reference.state_dict().values())
+            tensor_bytes["total_bytes"] += tensor_bytes["kl_reference_bytes"]
+        results = _results(cfg, self.before, after, run.fit, run.steps, run.batches, run.model,
+                           tensor_bytes)
+        if cfg.method == "qlora":
+            results["qlora"] = qlora_comparison(self.base_dir, run.model, cfg, self.data,
+                                                run.loss_fn, run.batches, self.tokenizer)
+        return results
+
+    def save(self, cfg: FinetuneConfig, model, out: Path) -> None:
+        """The adapter (PEFT layout), or the whole model for full fine-tuning."""
+        if cfg.method == "full":
+            save_model(out, model, self.tokenizer)
+        else:
+            save_adapter(model, out / "adapter",
+                         base_model_name_or_path=str(self.base_dir.resolve()))
+
+    def manifest_fields(self) -> dict:
+        """The base run folder."""
+        return {"base": str(self.base_dir.resolve())}
+
+    def plot_title(self, cfg: FinetuneConfig) -> str:
+        """'lora r=8 fine-tuning' or 'full fine-tuning'."""
+        return (f"{cfg.method} r={cfg.rank} fine-tuning" if cfg.method != "full"
+                else "full fine-tuning")
 
 
 def run_finetune(base_dir, out_dir, cfg: FinetuneConfig, resume: bool = False,
                  overwrite: bool = False, on_step=None, on_start=None,
                  writer_enabled: bool = True) -> dict:
-    """Fine-tune the base in ``base_dir`` into the run folder ``out_dir``; returns results.
-
-    ``on_start(total_steps)`` and ``on_step(record)`` are progress callbacks (the library never
-    prints); ``writer_enabled=False`` makes this process write nothing (non-zero ranks).
-    """
-    from minituner.training.loop import (
-        LoopConfig,
-        build_optimizer,
-        build_scheduler,
-        fit,
-        seed_everything,
-    )
-    from minituner.util.plots import plot_loss
-
-    started = time.perf_counter()
-    cfg.validate()
-    base_dir, out = Path(base_dir), Path(out_dir)
-    model, tokenizer, _ = load_base(base_dir)
-    prepared = prepare_data(base_dir, tokenizer, cfg)
-    config = run_config(base_dir, model, cfg, sha256_json(
-        {"sft": prepared.sft, "control": prepared.control, "replay": len(prepared.replay)}))
-    checkpoint = _resume_state(out, config) if resume else None
-    probes = load_builtin_probes()
-    before = evaluate_model(model, tokenizer, probes, prepared.control_texts)
-    before["control_ppl_by_tense"] = ppl_by_tense(model, tokenizer, prepared.control)
-    seed_everything(cfg.seed)
-    # Everything that can still reject a setting (--targets, rank 0, the batch split) runs
-    # before the run folder is created or an old one is wiped.
-    model, reference = build_trainable(model, cfg)
-    from minituner.training.sampling import MixedBatches
-
-    batches = MixedBatches(prepared.train, prepared.replay, cfg.batch_size - cfg.replay_rows,
-                           cfg.replay_rows, cfg.seed, tokenizer.pad_id)
-    steps = total_steps(cfg, batches.batches_per_epoch)
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, steps, int(cfg.warmup * steps))
-    loss_fn = make_loss_fn(reference, cfg.kl, cfg.replay_nll)
-    writer = RunWriter(out, enabled=writer_enabled)
-    if checkpoint is None:
-        writer.write(prepare_run_dir, out, config, overwrite)
-        writer.write(_clear_checkpoints, out)
-    writer.write(atomic_write_json, out / "config.json", config)
-    writer.write(_write_data, out, prepared)
-    if on_start is not None:
-        on_start(steps)
-    loop = LoopConfig(steps=steps, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                      eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
-    result = fit(model, loss_fn, batches, optimizer, scheduler, loop,
-                 evaluate=make_validator(prepared.validation, tokenizer.pad_id), writer=writer,
-                 on_step=on_step, resume=checkpoint)
-    after = evaluate_model(model, tokenizer, probes, prepared.control_texts)
-    after["control_ppl_by_tense"] = ppl_by_tense(model, tokenizer, prepared.control)
-    from minituner.training.accounting import training_state_bytes
-
-    tensor_bytes = training_state_bytes(model, optimizer, loss_fn, batches(0))
-    if cfg.method == "full" and cfg.kl > 0:  # the frozen copy the KL term compares against
-        tensor_bytes["kl_reference_bytes"] = sum(
-            t.numel() * t.element_size() for t in reference.state_dict().values())
-        tensor_bytes["total_bytes"] += tensor_bytes["kl_reference_bytes"]
-    results = _results(cfg, before, after, result, steps, batches, model, tensor_bytes)
-    if cfg.method == "qlora":
-        from minituner.course.qlora_eval import qlora_comparison
-
-        results["qlora"] = qlora_comparison(base_dir, model, cfg, prepared, loss_fn, batches,
-                                            tokenizer)
-    writer.write(_save_trained, out, model, tokenizer, cfg, base_dir)
-    writer.write(atomic_write_json, out / "manifest.json", run_manifest(
-        cfg.seed, data_files={p.name: p for p in sorted((out / "data").glob("*.jsonl"))},
-        base=str(base_dir.resolve())))
-    writer.write_log(result.log)
-    writer.write(plot_loss, result.log, out / "loss.png",
-                 title=f"{cfg.method} r={cfg.rank} fine-tuning" if cfg.method != "full"
-                 else "full fine-tuning")
-    results["wall_s"] = time.perf_counter() - started
-    results["peak_rss_bytes"] = peak_rss_bytes()
-    writer.write(atomic_write_json, out / "results.json", results)
-    return results
+    """Fine-tune the base in ``base_dir`` (``cfg.model`` when None) into the run folder
+    ``out_dir``; returns results. ``on_start(info)`` and ``on_step(record)`` are progress
+    callbacks (the library never prints)."""
+    base = base_dir if base_dir is not None else cfg.model
+    if base is None:
+        raise ValueError("--base: give the Mini-GPT base run folder")
+    return pipeline.run_finetune(MiniGPTBackend(base), cfg, out_dir, resume=resume,
+                                 overwrite=overwrite, on_step=on_step, on_start=on_start,
+                                 writer_enabled=writer_enabled)
 
 
 class ProgressSink(Protocol):
@@ -285,43 +264,14 @@ def run_with_progress(base_dir: str | Path, out_dir: str | Path, cfg: FinetuneCo
     """:func:`run_finetune` reporting to ``progress`` (closed when the run ends or fails)."""
     callbacks = {}
     if progress is not None:
-        callbacks = {"on_start": progress.start, "on_step": progress.on_step}
+        callbacks = {"on_start": lambda info: progress.start(info["steps"]),
+                     "on_step": progress.on_step}
     try:
         return run_finetune(base_dir, out_dir, cfg, resume=resume, overwrite=overwrite,
                             **callbacks)
     finally:
         if progress is not None:
             progress.close()
-
-
-def _resume_state(out: Path, config: dict) -> dict | None:
-    """The latest checkpoint of a run with the same config, or None when there is none yet."""
-    from minituner.util.files import read_json
-
-    if not (out / "config.json").is_file():
-        return None
-    if read_json(out / "config.json", "run config") != config:
-        raise ValueError(f"{out}: --resume with settings or data that differ from the run's "
-                         "config.json")
-    path = latest_checkpoint(out)
-    return load_checkpoint(path) if path else None
-
-
-def _clear_checkpoints(out: Path) -> None:
-    import shutil
-
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-
-
-def _save_trained(out: Path, model, tokenizer, cfg: FinetuneConfig, base_dir: Path) -> None:
-    if cfg.method == "full":
-        from minituner.training.runs import save_model
-
-        save_model(out, model, tokenizer)
-    else:
-        from minituner.lora.adapters import save_adapter
-
-        save_adapter(model, out / "adapter", base_model_name_or_path=str(base_dir.resolve()))
 
 
 def _results(cfg, before: dict, after: dict, result, steps: int, batches, model,

@@ -4,13 +4,12 @@ rows, and the validation loss. Model-agnostic: they only call ``model(input_ids)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
-from minituner.course import data
 from minituner.models.minigpt import masked_token_nll
+from minituner.training.loop import make_validator as validator
 
 
 def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -47,20 +46,6 @@ def make_loss_fn(reference, kl_weight: float, replay_nll: float = 1.0) -> Callab
 
 
 def make_validator(sequences: list, pad_id: int) -> Callable:
-    """evaluate(model) -> {"val_loss", "val_ppl"} over completion tokens of the SFT val split."""
-
-    @torch.no_grad()
-    def evaluate(model) -> dict:
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0.0
-        for start in range(0, len(sequences), 128):
-            batch = data.collate_sequences(sequences[start : start + 128], pad_id)
-            nll, n = masked_token_nll(model(batch["input_ids"]), batch["targets"],
-                                      batch["target_mask"])
-            total, count = total + float(nll), count + float(n)
-        model.train(was_training)
-        loss = total / max(count, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(loss)}
-
-    return evaluate
+    """evaluate(model) -> {"val_loss", "val_ppl"} over completion tokens of the SFT val split
+    (:func:`minituner.training.loop.make_validator` with ``model(input_ids)``)."""
+    return validator(sequences, pad_id, batch_size=128)

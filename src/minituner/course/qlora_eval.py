@@ -8,6 +8,23 @@ from __future__ import annotations
 
 import torch
 
+from minituner.course.data import text_sequence
+from minituner.course.evaluate import evaluate_model, load_builtin_probes
+from minituner.course.objectives import make_loss_fn
+from minituner.lora import (
+    disable_adapters,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    wrap_minigpt_with_lora,
+)
+from minituner.quant.qlora import logit_difference
+from minituner.training.accounting import training_state_bytes
+from minituner.training.loop import build_optimizer
+from minituner.training.memory import plan_memory
+from minituner.training.runs import load_base_run
+from minituner.training.sampling import collate
+
 MEMORY_NOTE = (
     "fp32 compute everywhere; measured = exact tensor bytes on the same micro-batch (plain "
     "next-token loss, no KL reference) after one AdamW step; predicted = minituner.training.memory."
@@ -20,9 +37,7 @@ MEMORY_NOTE = (
 
 def _logit_probe(tokenizer, texts: list):
     """A callable giving the logits at every real (non-padding) position of ``texts``."""
-    from minituner.course.data import collate_sequences, text_sequence
-
-    batch = collate_sequences([text_sequence(tokenizer, t) for t in texts], tokenizer.pad_id)
+    batch = collate([text_sequence(tokenizer, t) for t in texts], tokenizer.pad_id)
 
     def probe(model):
         return model(batch["input_ids"])[batch["target_mask"]]
@@ -32,9 +47,6 @@ def _logit_probe(tokenizer, texts: list):
 
 def _measured(model, loss_fn, batch: dict, lr: float) -> dict:
     """Tensor bytes after one throwaway AdamW step on a copy's optimizer state."""
-    from minituner.training.accounting import training_state_bytes
-    from minituner.training.loop import build_optimizer
-
     optimizer = build_optimizer(model, lr=lr)
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss_sum, count = loss_fn(model, batch)
@@ -65,8 +77,6 @@ def _row(label: str, method: str, predicted, measured: dict) -> dict:
 @torch.no_grad()
 def _weight_error(float_model, qlora_model) -> dict:
     """||W - dequant(NF4(W))|| / ||W|| over the quantized Linears: mean, min and max."""
-    from minituner.lora import lora_layers
-
     floats = dict(lora_layers(float_model))
     errors = []
     for name, layer in lora_layers(qlora_model):
@@ -82,20 +92,12 @@ def _weight_error(float_model, qlora_model) -> dict:
 
 def qlora_comparison(base_dir, qlora_model, cfg, prepared, loss_fn, batches, tokenizer) -> dict:
     """Logit difference of the trained adapter on NF4 vs fp32 bases, and the memory table."""
-    from minituner.course.evaluate import evaluate_model, load_builtin_probes
-    from minituner.course.finetune import load_base, make_loss_fn
-    from minituner.lora import load_lora_state_dict, lora_state_dict, wrap_minigpt_with_lora
-    from minituner.quant.qlora import logit_difference
-    from minituner.training.memory import plan_memory
-
-    twin, _, _ = load_base(base_dir)
+    twin, _, _ = load_base_run(base_dir)
     targets = {} if cfg.targets is None else {"target_modules": list(cfg.targets)}
     wrap_minigpt_with_lora(twin, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, **targets)
     load_lora_state_dict(twin, lora_state_dict(qlora_model))
     probe = _logit_probe(tokenizer, prepared.control_texts)
     difference = logit_difference(qlora_model, twin, probe).to_dict()
-    from minituner.lora import disable_adapters
-
     probes = load_builtin_probes()
     twin_eval = evaluate_model(twin, tokenizer, probes, prepared.control_texts)
     with disable_adapters(qlora_model):

@@ -11,7 +11,11 @@ import dataclasses
 import time
 from pathlib import Path
 
+from minituner.course.data import control_texts
+from minituner.course.evaluate import evaluate_model, load_builtin_probes
+from minituner.course.finetune import control_records, load_base, run_with_progress
 from minituner.util.files import atomic_write_json
+from minituner.util.plots import plot_sweep
 
 ELBOW_TOLERANCE = 0.01
 ELBOW_RULE = ("smallest trained rank r >= 1 whose irregular accuracy is within 1 point (0.01) "
@@ -41,10 +45,6 @@ def elbow_rank(ranks: list, accuracy: list, tolerance: float = ELBOW_TOLERANCE) 
 
 def base_point(base_dir) -> dict:
     """Rank 0: the base's own evaluation (no adapter, nothing trained)."""
-    from minituner.course.data import control_texts
-    from minituner.course.evaluate import evaluate_model, load_builtin_probes
-    from minituner.course.finetune import control_records, load_base
-
     model, tokenizer, _ = load_base(base_dir)
     texts = control_texts(control_records(base_dir))
     result = evaluate_model(model, tokenizer, load_builtin_probes(), texts)
@@ -57,9 +57,6 @@ def run_sweep(base_dir, out_dir, ranks, cfg, on_run=None, progress=None) -> dict
     """Fine-tune one LoRA (or QLoRA) run per rank into ``out_dir/r<rank>``; write sweep.json
     and sweep.png. ``on_run(rank, point)`` reports each finished rank; ``progress`` (optional)
     is an object with ``start(total)``, ``on_step(record)`` and ``close()``."""
-    from minituner.course.finetune import run_with_progress
-    from minituner.util.plots import plot_sweep
-
     started = time.perf_counter()
     out = Path(out_dir)
     points = []

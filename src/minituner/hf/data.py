@@ -12,7 +12,7 @@ Each line is a JSON object, either ``{"prompt": ..., "completion": ...}`` or ``{
 - text: ids = tokenizer(text) + EOS; every token counts.
 
 Sequences are lists of ids with one mask flag per target (target i predicts ids[i + 1]), the
-layout :func:`minituner.course.data.collate_sequences` batches. A sequence longer than the model's
+layout :func:`minituner.training.sampling.collate` batches. A sequence longer than the model's
 context is truncated (and counted, so the caller can warn) or refused with ``strict``.
 """
 

@@ -1,11 +1,12 @@
-"""Fine-tuning a transformers causal LM on the user's JSONL with LoRA or QLoRA.
+"""Fine-tuning a transformers causal LM on the user's JSONL with LoRA or QLoRA: the transformers
+backend of :func:`minituner.training.pipeline.run_finetune`.
 
-It runs the Mini-GPT fine-tuning machinery: :func:`minituner.training.loop.fit` (steps, gradient
-accumulation, clipping, evaluation, best step, checkpoints and resume), the stateless
-:class:`minituner.training.sampling.MixedBatches` sampler and
-:class:`minituner.training.checkpoint.RunWriter`.
-What is added here: the transformers model and its batches, devices and dtypes, gradient
-checkpointing, and data parallelism (``torchrun``; see :mod:`minituner.training.distributed`).
+The pipeline runs what every fine-tuning run shares (:func:`minituner.training.loop.fit`:
+steps, gradient accumulation, clipping, evaluation, best step, checkpoints and resume; the
+stateless :class:`minituner.training.sampling.MixedBatches` sampler; the run folder). What is
+added here: the transformers model and its batches, devices and dtypes, quantize-on-load,
+gradient checkpointing, and data parallelism (``torchrun``; see
+:mod:`minituner.training.distributed`).
 
 Batch size is GLOBAL: ``batch_size`` rows per micro-step over all processes, split evenly, so
 a run resumes on another process count and N processes compute what one process computes.
@@ -15,106 +16,34 @@ data/ (the exact train/validation records), checkpoints/ and adapter/ (PEFT layo
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from minituner.hf.models import resolve_device, resolve_dtype
+from minituner.hf.models import dtype_name, resolve_device, resolve_dtype
+from minituner.hf.run import (
+    HFBase,
+    HFPrepared,
+    add_lora,
+    base_parameter_count,
+    data_sha256,
+    enable_grad_checkpointing,
+    load_hf_base,
+    prepare_hf_data,
+)
+from minituner.lora import lora_layers
+from minituner.lora.adapters import save_adapter
 from minituner.models.minigpt import masked_token_nll
 from minituner.training import distributed as D
+from minituner.training import pipeline
+from minituner.training.config import FinetuneConfig
+from minituner.training.loop import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
 
-HF_METHODS = ("lora", "qlora")
-_KINDS = {"int": (int, "an integer"), "float": ((int, float), "a number"),
-          "bool": (bool, "true or false")}  # field type -> (accepted types, wording)
-
-
-@dataclass
-class HFFinetuneConfig:
-    """Every setting of a transformers fine-tuning run (flags, a --config file, or code)."""
-
-    model: str = ""
-    data: str = ""
-    val_data: str | None = None
-    val_fraction: float | None = None
-    method: str = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "all-linear"
-    use_rslora: bool = False
-    steps: int | None = 100
-    epochs: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 25
-    checkpoint_every: int = 25
-    seed: int = 0
-    max_len: int | None = None
-    strict_len: bool = False
-    chat_template: bool = False
-    grad_checkpointing: bool = False
-    dtype: str = "auto"
-    quant_scheme: str = "nf4_per_group_64"
-
-    def validate(self) -> HFFinetuneConfig:
-        """Raise a one-line ValueError naming the first bad setting; returns self."""
-        self._check_types()
-        if self.method not in HF_METHODS:
-            raise ValueError(f"--method must be one of {list(HF_METHODS)} for transformers "
-                             f"models, got {self.method!r}")
-        positive = ("rank", "batch_size", "grad_accum", "eval_every", "checkpoint_every")
-        if self.epochs is None or self.steps is not None:
-            positive += ("steps",)
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"--epochs must be positive, got {self.epochs}")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive int, "
-                                 f"got {getattr(self, name)!r}")
-        if not (self.alpha > 0 and self.lr > 0 and 0 <= self.warmup < 1):
-            raise ValueError("--alpha and --lr must be positive and --warmup in [0, 1)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        if self.val_data and self.val_fraction:
-            raise ValueError("give --val-data or --val-fraction, not both")
-        if self.max_len is not None and self.max_len < 1:
-            raise ValueError(f"--max-len must be a positive int, got {self.max_len}")
-        return self
-
-    def _check_types(self) -> None:
-        """Numbers and flags (int, float, bool) of the wrong type, named before any comparison.
-
-        A bool is not a number; an int is accepted where a float is expected.
-        """
-        for spec in fields(self):
-            kinds = [part.strip() for part in str(spec.type).split("|")]
-            value = getattr(self, spec.name)
-            if kinds[0] not in _KINDS or (value is None and "None" in kinds):
-                continue
-            allowed, what = _KINDS[kinds[0]]
-            if isinstance(value, bool) != (kinds[0] == "bool") or not isinstance(value, allowed):
-                what += " or null" if "None" in kinds else ""
-                raise ValueError(f"{spec.name} must be {what}, got {value!r}")
-
-    def to_dict(self) -> dict:
-        """Plain dict, for config.json."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> HFFinetuneConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"finetune config: unknown key(s) {unknown}")
-        return cls(**values)
+__all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "enable_grad_checkpointing",
+           "make_hf_loss_fn", "make_hf_validator", "padding_mask", "run_hf_finetune",
+           "runtime_settings"]
 
 
 class NoGradientError(ValueError):
@@ -128,8 +57,6 @@ def check_lora_gradients(model: nn.Module, step: int) -> None:
     missing B gradient is the known trap of reentrant gradient checkpointing over frozen
     inputs: the loss falls nowhere and the adapter never moves.
     """
-    from minituner.lora import lora_layers
-
     dead = [name for name, layer in lora_layers(model) if layer.r > 0 and (
         layer.lora_B.grad is None or not bool(layer.lora_B.grad.abs().sum() > 0))]
     if dead:
@@ -138,16 +65,6 @@ def check_lora_gradients(model: nn.Module, step: int) -> None:
             "the adapter would not train (reentrant gradient checkpointing over frozen inputs "
             "is the usual cause; minituner uses non-reentrant checkpointing)"
         )
-
-
-def enable_grad_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (gradients reach LoRA)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
 
 
 def padding_mask(target_mask: torch.Tensor) -> torch.Tensor:
@@ -181,34 +98,24 @@ def make_hf_loss_fn(forward_model: nn.Module, device: torch.device):
     return loss_fn
 
 
+def hf_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Logits of a right-padded batch: ``model(input_ids=..., attention_mask=...)``."""
+    return model(input_ids=batch["input_ids"], attention_mask=padding_mask(batch["target_mask"]),
+                 use_cache=False).logits
+
+
+def _sum_over_processes(totals: list) -> list:
+    return D.all_reduce_sum(torch.tensor(totals, dtype=torch.float64)).tolist()
+
+
 def make_hf_validator(sequences: list, pad_id: int, device: torch.device, info: D.DistInfo,
                       batch_size: int = 8):
     """evaluate(model) -> {"val_loss", "val_ppl"}: each process scores its share, then sums."""
-    from minituner.course.data import collate_sequences
-
-    mine = sequences[info.rank::info.world_size]
-
-    @torch.no_grad()
-    def evaluate(model) -> dict:
-        was_training = model.training
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for start in range(0, len(mine), batch_size):
-            batch = collate_sequences(mine[start : start + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device), use_cache=False,
-                           attention_mask=padding_mask(batch["target_mask"]).to(device)).logits
-            nll, n = masked_token_nll(logits, batch["targets"].to(device),
-                                      batch["target_mask"].to(device))
-            total += torch.tensor([float(nll), float(n)], dtype=torch.float64)
-        model.train(was_training)
-        nll_sum, count = D.all_reduce_sum(total).tolist()
-        loss = nll_sum / max(count, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
-
-    return evaluate
+    return make_validator(sequences[info.rank::info.world_size], pad_id, hf_logits,
+                          batch_size=batch_size, device=device, reduce_sum=_sum_over_processes)
 
 
-def runtime_settings(cfg: HFFinetuneConfig, device_name: str | None = "auto") -> dict:
+def runtime_settings(cfg: FinetuneConfig, device_name: str | None = "auto") -> dict:
     """Device and compute dtype this run uses (resolved from 'auto'), and the process group."""
     device = resolve_device(device_name)
     info = D.init_distributed(device)
@@ -216,64 +123,119 @@ def runtime_settings(cfg: HFFinetuneConfig, device_name: str | None = "auto") ->
     return {"device": device, "dtype": resolve_dtype(cfg.dtype, device), "dist": info}
 
 
-def run_hf_finetune(cfg: HFFinetuneConfig, out_dir, resume: bool = False,
+class HFBackend:
+    """The transformers side of a fine-tuning run: devices, dtypes, processes (DDP), the base
+    loaded (NF4 for QLoRA), LoRA applied, and the adapter saved with the base's record."""
+
+    run_kind = "finetune-hf"
+
+    def __init__(self, device: str | None = "auto"):
+        self.device_name = device
+        self.runtime: dict = {}
+        self.data: HFPrepared | None = None
+        self.model: nn.Module | None = None
+        self.base: HFBase | None = None
+        self.gradients_checked = False
+
+    def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
+        """Device, compute dtype and process group; the global batch must split evenly."""
+        if cfg.kind != "hf":
+            raise ValueError(f"--model must be hf:DIR for a transformers run, got {cfg.model!r}")
+        self.runtime = runtime_settings(cfg, self.device_name)
+        info = self.runtime["dist"]
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over "
+                             f"{info.world_size} processes")
+        return info
+
+    def prepare(self, cfg: FinetuneConfig) -> pipeline.Prepared:
+        """Read, split and encode the data; load the base."""
+        self.data = prepared = prepare_hf_data(cfg)
+        self.model, self.base = load_hf_base(cfg, self.runtime["dtype"], self.runtime["device"])
+        identity = {"compute_dtype": dtype_name(self.runtime["dtype"]),
+                    "base": self.base.to_dict(), "data_sha256": data_sha256(prepared)}
+        validation = [] if prepared.validation is None else prepared.validation.sequences
+        return pipeline.Prepared(prepared.train.sequences, validation, prepared.pad_id, identity,
+                                 files={"train": prepared.train_records,
+                                        "validation": prepared.validation_records})
+
+    def evaluate_before(self, cfg: FinetuneConfig) -> None:
+        """Nothing: a transformers run reports its validation loss only."""
+
+    def build_trainable(self, cfg: FinetuneConfig) -> nn.Module:
+        """LoRA on the base (and gradient checkpointing when asked)."""
+        return add_lora(self.model, cfg)
+
+    def loss_fn(self, cfg: FinetuneConfig, model: nn.Module):
+        """Masked NLL through the DDP wrapper when distributed."""
+        forward_model = D.wrap_ddp(model, self.runtime["dist"], self.runtime["device"])
+        return make_hf_loss_fn(forward_model, self.runtime["device"])
+
+    def validator(self, cfg: FinetuneConfig, prepared: pipeline.Prepared):
+        """Validation NLL summed over processes, or None without validation data."""
+        if not prepared.validation:
+            return None
+        return make_hf_validator(prepared.validation, prepared.pad_id, self.runtime["device"],
+                                 self.runtime["dist"])
+
+    def start_info(self) -> dict:
+        """Device, dtype, process group and the encoded data (truncations to warn about)."""
+        return {**self.runtime, "data": self.data}
+
+    def on_step(self, model: nn.Module, record: dict) -> None:
+        """After the first step, refuse LoRA layers that got no gradient."""
+        if not self.gradients_checked:
+            check_lora_gradients(model, record["step"])
+            self.gradients_checked = True
+
+    def results(self, cfg: FinetuneConfig, run: pipeline.TrainedRun) -> dict:
+        """Loss, best step, sizes, device and throughput of the run."""
+        log, result, data = run.fit.log, run.fit, self.data
+        this_process = [r for r in log if r["step"] > (result.resumed_from or 0)]
+        tokens = sum(r.get("target_tokens", 0) for r in this_process)
+        train_time = this_process[-1]["elapsed_s"] if this_process else 0.0
+        return {
+            "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha, "steps": run.steps,
+            "final_loss": log[-1]["loss"] if log else None,
+            "best_step": result.best_step, "best_val_loss": result.best_metrics.get("val_loss"),
+            "best_val_ppl": result.best_metrics.get("val_ppl"),
+            "resumed_from_step": result.resumed_from,
+            "trainable_params": sum(p.numel() for p in run.model.parameters()
+                                    if p.requires_grad),
+            "base_params": base_parameter_count(run.model),
+            "device": str(self.runtime["device"]),
+            "compute_dtype": dtype_name(self.runtime["dtype"]),
+            "world_size": run.dist.world_size, "global_batch": cfg.batch_size,
+            "train_examples": len(data.train.sequences),
+            "validation_examples": 0 if data.validation is None else
+            len(data.validation.sequences),
+            "truncated_lines": data.train.truncated, "dropped_lines": data.train.dropped,
+            "max_len": data.max_len,
+            "target_tokens_per_s": tokens / train_time if train_time else None,
+        }
+
+    def save(self, cfg: FinetuneConfig, model: nn.Module, out: Path) -> None:
+        """The adapter (PEFT layout) with the base's record and fingerprint."""
+        save_adapter(model, out / "adapter", base_model_name_or_path=self.base.path,
+                     extra=self.base.record, fingerprint=self.base.fingerprint)
+
+    def manifest_fields(self) -> dict:
+        """The base directory, process count and device."""
+        return {"base": self.base.path, "world_size": self.runtime["dist"].world_size,
+                "device": str(self.runtime["device"])}
+
+    def plot_title(self, cfg: FinetuneConfig) -> str:
+        """'lora r=8 on DIRNAME'."""
+        return f"{cfg.method} r={cfg.rank} on {Path(self.base.path).name}"
+
+
+def run_hf_finetune(cfg: FinetuneConfig, out_dir, resume: bool = False,
                     overwrite: bool = False, on_step=None, device: str | None = "auto",
                     on_start=None) -> dict:
-    """Fine-tune ``cfg.model`` (hf:DIR) on ``cfg.data`` into the run folder ``out_dir``.
+    """Fine-tune ``cfg.model`` (hf:DIR) on ``cfg.train_data`` into the run folder ``out_dir``.
 
     ``on_start(info)`` gets the resolved settings and data counts before training (the CLI
     prints them); ``on_step(record)`` runs after each step on every process.
     """
-    from minituner.course.finetune import total_steps
-    from minituner.hf.run import (
-        finish_run,
-        prepare_hf_data,
-        prepare_hf_model,
-        start_run,
-    )
-    from minituner.training.checkpoint import RunWriter
-    from minituner.training.loop import LoopConfig, build_optimizer, build_scheduler, fit
-    from minituner.training.sampling import MixedBatches
-
-    started = time.perf_counter()
-    cfg.validate()
-    runtime = runtime_settings(cfg, device)
-    info, dev = runtime["dist"], runtime["device"]
-    if cfg.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over "
-                         f"{info.world_size} processes")
-    prepared = prepare_hf_data(cfg)
-    model = prepare_hf_model(cfg, runtime["dtype"], dev)
-    writer = RunWriter(out_dir, enabled=info.is_main)
-    config, checkpoint = start_run(cfg, model, prepared, runtime, out_dir, writer, resume,
-                                   overwrite)
-    rows = cfg.batch_size // info.world_size
-    batches = MixedBatches(prepared.train.sequences, [], rows, 0, cfg.seed, prepared.pad_id,
-                           info.rank, info.world_size)
-    steps = total_steps(cfg, batches.batches_per_epoch)
-    if on_start is not None:
-        on_start({**runtime, "data": prepared, "steps": steps,
-                  "resumed_from": checkpoint and checkpoint["step"]})
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, steps, int(cfg.warmup * steps))
-    forward_model = D.wrap_ddp(model, info, dev)
-    evaluate = (make_hf_validator(prepared.validation.sequences, prepared.pad_id, dev, info)
-                if prepared.validation is not None else None)
-    first = {"checked": False}
-
-    def step_hook(record: dict) -> None:
-        if not first["checked"]:
-            check_lora_gradients(model, record["step"])
-            first["checked"] = True
-        if on_step is not None:
-            on_step(record)
-
-    loop = LoopConfig(steps=steps, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                      eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
-    result = fit(model, make_hf_loss_fn(forward_model, dev), batches, optimizer, scheduler, loop,
-                 evaluate=evaluate, writer=writer, on_step=step_hook, resume=checkpoint,
-                 reduce_count=D.reduce_count, reduce_loss=D.reduce_float)
-    results = finish_run(cfg, model, result, prepared, runtime, out_dir, writer, steps,
-                         time.perf_counter() - started)
-    D.barrier()
-    return results
+    return pipeline.run_finetune(HFBackend(device), cfg, out_dir, resume=resume,
+                                 overwrite=overwrite, on_step=on_step, on_start=on_start)

@@ -1,23 +1,75 @@
-"""The settings of a Mini-GPT fine-tuning run, torch-free so the CLI can build its parser (and
-check a --config file) without importing torch. :mod:`minituner.course.finetune` re-exports them."""
+"""The settings of every fine-tuning run, Mini-GPT or transformers, torch-free so the CLI can
+build its parser (and check a --config file) without importing torch.
+
+``model`` names the base: a Mini-GPT run folder, or ``hf:DIR`` for a transformers model. The two
+kinds of model share one :class:`FinetuneConfig` but not every default (:data:`KIND_DEFAULTS`
+keeps each kind's results as they were) nor every setting (:data:`KIND_REFUSES`: replay and KL
+need the Mini-GPT base's pretraining corpus; sequence length, dtype and chat templates are
+transformers matters).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
-__all__ = ["DEFAULT_STEPS", "METHODS", "FinetuneConfig", "check_types"]
+from minituner.quant import DEFAULT_QUANT_SCHEME
+from minituner.util.config import from_dict, typed_values
+
+__all__ = ["DEFAULT_STEPS", "HF_PREFIX", "KINDS", "KIND_DEFAULTS", "KIND_METHODS",
+           "KIND_REFUSES", "METHODS", "RUNTIME_FIELDS", "FinetuneConfig", "PretrainConfig",
+           "flag_name", "kind_defaults", "model_kind"]
 
 METHODS = ("lora", "qlora", "full")
-DEFAULT_STEPS = 600
+HF_PREFIX = "hf:"
+KINDS = ("minigpt", "hf")
+KIND_NAMES = {"minigpt": "Mini-GPT", "hf": "transformers (hf:)"}
+KIND_METHODS = {"minigpt": METHODS, "hf": ("lora", "qlora")}
 
-_TYPES = {"int": int, "float": float, "str": str, "list": list}
-_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+# Each kind's defaults where they differ from the dataclass's (which are Mini-GPT's).
+KIND_DEFAULTS = {
+    "minigpt": {"steps": 600, "lr": 1e-2, "batch_size": 32, "dropout": 0.2, "replay": 0.5,
+                "kl": 3.0, "checkpoint_every": 50, "targets": None},
+    "hf": {"steps": 100, "lr": 2e-4, "batch_size": 8, "dropout": 0.0, "replay": 0.0,
+           "kl": 0.0, "checkpoint_every": 25, "targets": None},
+}
+DEFAULT_STEPS = KIND_DEFAULTS["minigpt"]["steps"]
+
+# Settings a kind cannot use (refused when they differ from the kind's default), and why.
+KIND_REFUSES = {
+    "minigpt": {name: "it applies to transformers (hf:) models only" for name in (
+        "val_fraction", "use_rslora", "max_len", "strict_len", "chat_template",
+        "grad_checkpointing", "dtype")},
+    "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
+                     "run has",
+           "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
+           "replay_nll": "it weighs replay rows, which need a Mini-GPT base's corpus"},
+}
+
+# Settings recorded in config.json that a --resume may change (they do not decide results).
+RUNTIME_FIELDS = ("threads",)
+
+
+def model_kind(model: str | None) -> str:
+    """'hf' for an ``hf:DIR`` model, 'minigpt' for a Mini-GPT run folder (or none given)."""
+    return "hf" if isinstance(model, str) and model.startswith(HF_PREFIX) else "minigpt"
+
+
+def flag_name(field: str) -> str:
+    """The CLI flag of a setting: 'batch_size' -> '--batch-size'."""
+    return "--" + field.replace("_", "-")
 
 
 @dataclass
 class FinetuneConfig:
-    """Every setting of a fine-tuning run (the CLI flags, a --config file, or code)."""
+    """Every setting of a fine-tuning run (the CLI flags, a --config file, or code).
 
+    The field defaults are a Mini-GPT run's; :meth:`for_kind` starts from a kind's defaults.
+    """
+
+    model: str | None = None  # Mini-GPT base run folder, or hf:DIR
+    train_data: str | None = None  # {"prompt", "completion"} JSONL (hf: also {"text"})
+    val_data: str | None = None
+    val_fraction: float | None = None  # hf: hold out this fraction of train_data
     method: str = "lora"
     rank: int = 8
     alpha: float = 16.0
@@ -35,17 +87,35 @@ class FinetuneConfig:
     eval_every: int = 25
     checkpoint_every: int = 50
     seed: int = 0
-    quant_scheme: str = "nf4_per_group_64"
-    targets: list | None = None  # module-name suffixes; None = all 12 Linears
+    quant_scheme: str = DEFAULT_QUANT_SCHEME
+    targets: list | None = None  # module-name suffixes; None = every Linear
     dropout: float = 0.2  # LoRA dropout on the adapter's input (LoRA/QLoRA only)
-    train_data: str | None = None
-    val_data: str | None = None
+    use_rslora: bool = False
+    max_len: int | None = None
+    strict_len: bool = False
+    chat_template: bool = False
+    grad_checkpointing: bool = False
+    dtype: str = "auto"
+    threads: int = 1
+
+    @property
+    def kind(self) -> str:
+        """'minigpt' or 'hf', from :attr:`model`."""
+        return model_kind(self.model)
+
+    @classmethod
+    def for_kind(cls, kind: str, **values) -> FinetuneConfig:
+        """A config with ``kind``'s defaults, then ``values``."""
+        return cls(**{**kind_defaults(kind), **values})
 
     def validate(self) -> FinetuneConfig:
         """Raise a one-line ValueError naming the first bad setting; returns self."""
-        check_types(self.to_dict(), "finetune config")
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {list(METHODS)}, got {self.method!r}")
+        typed_values(FinetuneConfig, self.to_dict(), "finetune config")
+        kind = self.kind
+        self._check_kind(kind)
+        if self.method not in KIND_METHODS[kind]:
+            raise ValueError(f"--method must be one of {list(KIND_METHODS[kind])} for "
+                             f"{KIND_NAMES[kind]} models, got {self.method!r}")
         checks = [
             ("rank", self.rank >= 0, "a non-negative int"),
             ("alpha", self.alpha > 0, "positive"),
@@ -59,17 +129,39 @@ class FinetuneConfig:
             ("replay_nll", self.replay_nll >= 0, "non-negative"),
             ("eval_every", self.eval_every >= 1, "a positive int"),
             ("checkpoint_every", self.checkpoint_every >= 1, "a positive int"),
+            ("threads", self.threads >= 1, "a positive int"),
+            ("max_len", self.max_len is None or self.max_len >= 1, "a positive int"),
+            ("val_fraction", self.val_fraction is None or 0 < self.val_fraction < 1,
+             "a fraction in (0, 1)"),
+            ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
         ]
         for name, ok, what in checks:
             if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} must be {what}, "
+                raise ValueError(f"{flag_name(name)} must be {what}, "
                                  f"got {getattr(self, name)!r}")
+        if kind == "hf" and self.rank < 1:
+            raise ValueError(f"--rank must be a positive int for {KIND_NAMES[kind]} models, "
+                             f"got {self.rank}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be a positive int, got {self.steps}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if self.val_data and self.val_fraction:
+            raise ValueError("give --val-data or --val-fraction, not both")
+        self._check_replay()
+        return self
+
+    def _check_kind(self, kind: str) -> None:
+        """Refuse a setting this kind of model cannot use, naming the flag and the kind."""
+        defaults = kind_defaults(kind)
+        for name, why in KIND_REFUSES[kind].items():
+            if getattr(self, name) != defaults.get(name, FIELD_DEFAULTS[name]):
+                raise ValueError(f"{flag_name(name)} cannot be used with {KIND_NAMES[kind]} "
+                                 f"models ({why})")
+
+    def _check_replay(self) -> None:
         rows = self.replay_rows
         if self.batch_size - rows < 1:
             raise ValueError(f"--batch-size {self.batch_size} with --replay {self.replay:g} leaves "
@@ -81,7 +173,6 @@ class FinetuneConfig:
             raise ValueError(f"--kl needs replay rows to act on, but --batch-size "
                              f"{self.batch_size} with --replay {self.replay:g} gives 0 replay rows "
                              "per batch: raise --batch-size or --replay, or set --kl 0")
-        return self
 
     @property
     def replay_rows(self) -> int:
@@ -92,54 +183,44 @@ class FinetuneConfig:
         """Plain dict, for config.json."""
         return asdict(self)
 
+    def resume_identity(self) -> dict:
+        """The settings a --resume must keep (every one but :data:`RUNTIME_FIELDS`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
     @classmethod
     def from_dict(cls, values: dict, source: str = "finetune config") -> FinetuneConfig:
         """Build from a dict, rejecting unknown keys and wrongly typed values by name
         (``source`` starts the error message, e.g. "config file ft.yaml")."""
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}")
-        check_types(values, source)
-        return cls(**values)
+        return from_dict(cls, values, source)
+
+    def replace(self, **values) -> FinetuneConfig:
+        """A copy with ``values`` changed."""
+        return replace(self, **values)
 
 
-def _allowed(annotation: str) -> tuple:
-    """'int | None' -> (int, None)."""
-    return tuple(None if part == "None" else _TYPES[part]
-                 for part in (p.strip() for p in annotation.split("|")))
+FIELD_DEFAULTS = {f.name: f.default for f in fields(FinetuneConfig)}
 
 
-FIELD_TYPES = {f.name: _allowed(f.type) for f in fields(FinetuneConfig)}
+def kind_defaults(kind: str) -> dict:
+    """Every setting's default for ``kind`` ('minigpt' or 'hf')."""
+    if kind not in KINDS:
+        raise ValueError(f"model kind must be one of {list(KINDS)}, got {kind!r}")
+    return {**FIELD_DEFAULTS, **KIND_DEFAULTS[kind]}
 
 
-def check_types(values: dict, source: str = "finetune config") -> None:
-    """Raise a one-line ValueError for the first value whose type its field does not take: int,
-    float (an int is accepted), str, list of str, or None where the field allows it; a bool is
-    not a number."""
-    for name, value in values.items():
-        allowed = FIELD_TYPES.get(name)
-        if allowed is None or (value is None and None in allowed):
-            continue
-        kind = next(t for t in allowed if t is not None)
-        if kind in (int, float) and not isinstance(value, bool):
-            ok = isinstance(value, int) or (kind is float and isinstance(value, float))
-        else:
-            ok = isinstance(value, kind) and not isinstance(value, bool)
-        if ok and kind is list:
-            ok = all(isinstance(item, str) for item in value)
-        if not ok:
-            what = _NAMES[kind] + (" of strings" if kind is list else "")
-            what += " or null" if None in allowed else ""
-            hint = ""
-            if kind in (int, float) and isinstance(value, str) and _number(value):
-                hint = " (a number written as text: unquote it; YAML reads 1e-3 as text, 1.0e-3 " \
-                       "as a number)"
-            raise ValueError(f"{source}: {name!r} must be {what}, got {value!r}{hint}")
+@dataclass
+class PretrainConfig:
+    """Hyper-parameters of base pretraining."""
 
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 60
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    seed: int = 0
 
-def _number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    def to_dict(self) -> dict:
+        """Plain dict, for config.json."""
+        return asdict(self)

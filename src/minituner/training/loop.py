@@ -6,10 +6,15 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from minituner.models.minigpt import masked_token_nll
+from minituner.training.checkpoint import capture_rng, restore_rng
+from minituner.training.config import KIND_DEFAULTS, FinetuneConfig, PretrainConfig
+from minituner.training.sampling import collate
 
 
 def trainable_parameters(model: nn.Module) -> list:
@@ -61,6 +66,14 @@ def build_scheduler(
     )
 
 
+def total_steps(cfg: FinetuneConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps: --steps (the model kind's default when unset), or --epochs over the
+    training rows."""
+    if cfg.epochs is None:
+        return cfg.steps or KIND_DEFAULTS[cfg.kind]["steps"]
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python and torch; returns a generator for data order."""
     random.seed(seed)
@@ -68,63 +81,64 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@dataclass
-class PretrainConfig:
-    """Hyper-parameters of base pretraining."""
-
-    steps: int = 1200
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 60
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        """Plain dict, for config.json."""
-        return asdict(self)
-
-
 def batch_iterator(
     sequences: list, batch_size: int, pad_id: int, generator: torch.Generator
 ) -> Iterator:
-    """Endless shuffled batches of (inputs, targets, target_mask) from token-id lists."""
+    """Endless shuffled batches (:func:`minituner.training.sampling.collate`) of token-id lists."""
     while True:
         order = torch.randperm(len(sequences), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield collate([sequences[i] for i in order[start : start + batch_size]], pad_id)
 
 
-def collate(sequences: list, pad_id: int) -> tuple:
-    """Right-pad token-id lists into (inputs, targets, mask) for next-token prediction."""
-    width = max(len(s) for s in sequences) - 1
-    inputs = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, seq in enumerate(sequences):
-        n = len(seq) - 1
-        inputs[row, :n] = torch.tensor(seq[:-1])
-        targets[row, :n] = torch.tensor(seq[1:])
-        mask[row, :n] = True
-    return inputs, targets, mask
+def call_model(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Logits of a Mini-GPT style model: ``model(input_ids)``."""
+    return model(batch["input_ids"])
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, sequences: list, pad_id: int, batch_size: int = 64) -> float:
-    """Mean per-token NLL of ``sequences`` (every predicted token, <eos> included)."""
-    from minituner.models.minigpt import masked_token_nll
+def summed_nll(model: nn.Module, sequences: list, pad_id: int, forward: Callable = call_model,
+               batch_size: int = 64, device: torch.device | str | None = None) -> tuple:
+    """(sum of the masked next-token NLL, target count) of ``sequences`` in eval mode.
 
+    ``forward(model, batch)`` gives the logits (Mini-GPT ``model(ids)``, transformers
+    ``model(input_ids=..., attention_mask=...)``); the model's mode is restored afterwards.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
     for start in range(0, len(sequences), batch_size):
-        inputs, targets, mask = collate(sequences[start : start + batch_size], pad_id)
-        logits = model(inputs)
-        nll, n = masked_token_nll(logits, targets, mask)
-        total += float(nll)
-        count += float(n)
+        batch = collate(sequences[start : start + batch_size], pad_id)
+        if device is not None:
+            batch = {key: value.to(device) for key, value in batch.items()}
+        nll, n = masked_token_nll(forward(model, batch), batch["targets"], batch["target_mask"])
+        total, count = total + float(nll), count + float(n)
     model.train(was_training)
+    return total, count
+
+
+def make_validator(sequences: list, pad_id: int, forward: Callable = call_model,
+                   batch_size: int = 128, device: torch.device | str | None = None,
+                   reduce_sum: Callable[[list], list] | None = None) -> Callable:
+    """evaluate(model) -> {"val_loss", "val_ppl"}: the masked NLL per target token.
+
+    ``reduce_sum`` sums [nll, count] over processes (each scores its own share of
+    ``sequences``) in a distributed run.
+    """
+
+    def evaluate(model: nn.Module) -> dict:
+        totals = list(summed_nll(model, sequences, pad_id, forward, batch_size, device))
+        if reduce_sum is not None:
+            totals = reduce_sum(totals)
+        loss = totals[0] / max(totals[1], 1.0)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
+    return evaluate
+
+
+def evaluate_loss(model: nn.Module, sequences: list, pad_id: int, batch_size: int = 64) -> float:
+    """Mean per-token NLL of ``sequences`` (every predicted token, <eos> included)."""
+    total, count = summed_nll(model, sequences, pad_id, batch_size=batch_size)
     return total / max(count, 1.0)
 
 
@@ -144,8 +158,8 @@ def pretrain(
     log, started = [], time.perf_counter()
     model.train()
     for step in range(1, cfg.steps + 1):
-        inputs, targets, mask = next(batches)
-        _, loss = model(inputs, targets, mask)
+        batch = next(batches)
+        _, loss = model(batch["input_ids"], batch["targets"], batch["target_mask"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -234,8 +248,6 @@ def fit(
     ``writer`` (a :class:`minituner.training.checkpoint.RunWriter`). ``resume`` is a loaded
     checkpoint.
     """
-    from minituner.training.checkpoint import capture_rng, restore_rng
-
     named = trainable_parameters(model)
     log, best = [], {"step": None, "metrics": {}, "state": None}
     start = 0

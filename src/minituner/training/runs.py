@@ -15,6 +15,12 @@ import torch
 
 from minituner.models.minigpt import MiniGPT, MiniGPTConfig
 from minituner.models.tokenizer import Tokenizer
+from minituner.training.checkpoint import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+)
+from minituner.training.config import RUNTIME_FIELDS
 from minituner.util.files import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -25,6 +31,66 @@ from minituner.util.files import (
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
+RUN_FORMAT = 1  # config.json "format" of the run folders this version writes and reads
+
+
+def check_run_format(config: dict, path: str | Path) -> dict:
+    """``config`` (a run's config.json), refusing a run folder of an unknown or newer format."""
+    version = config.get("format", RUN_FORMAT) if isinstance(config, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 < version <= RUN_FORMAT:
+        raise ValueError(f"{path}: field 'format' is {version!r}; this minituner reads run "
+                         f"folders of format 1 to {RUN_FORMAT} (a newer minituner wrote it?)")
+    return config
+
+
+def resume_identity(config: dict) -> dict:
+    """The part of a fine-tuning run's config.json a --resume must match: all but the
+    runtime settings (threads) that do not decide results."""
+    finetune = {k: v for k, v in config.get("finetune", {}).items() if k not in RUNTIME_FIELDS}
+    return {**config, "finetune": finetune}
+
+
+def resume_state(out_dir: str | Path, config: dict) -> dict | None:
+    """The latest checkpoint of the run in ``out_dir`` when its config.json matches ``config``
+    (a ValueError naming the settings that differ otherwise); None when there is none yet."""
+    out = Path(out_dir)
+    if not (out / CONFIG_FILE).is_file():
+        return None
+    old = check_run_format(read_json(out / CONFIG_FILE, "run config"), out / CONFIG_FILE)
+    if resume_identity(old) != resume_identity(config):
+        raise ValueError(f"{out}: --resume with settings or data that differ from the run's "
+                         f"config.json ({', '.join(_differences(old, config))})")
+    path = latest_checkpoint(out)
+    return load_checkpoint(path) if path else None
+
+
+def _differences(old: dict, new: dict) -> list:
+    """Names of the settings (``finetune.lr``) or sections that differ."""
+    old, new = resume_identity(old), resume_identity(new)
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key == "finetune":
+            names += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            names.append(key)
+    return names
+
+
+def clear_checkpoints(out_dir: str | Path) -> None:
+    """Remove a run folder's checkpoints (a fresh run in a reused folder)."""
+    shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def load_base_run(base_dir: str | Path) -> tuple:
+    """(model, tokenizer, config) of a Mini-GPT base run folder, refusing adapter-only runs."""
+    base = Path(base_dir)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: base run folder not found")
+    if not (base / MODEL_FILE).is_file():
+        raise ValueError(f"{base}: not a model run folder (no {MODEL_FILE}); pass a "
+                         "pretrained or merged Mini-GPT run as --base")
+    return load_model(base)
 
 
 def run_identity(config: dict) -> dict:
@@ -43,6 +109,8 @@ def prepare_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) 
             old = read_json(existing)
         except ValueError:
             old = None
+        if old is not None:
+            check_run_format(old, existing)
         if old is None or run_identity(old) != run_identity(config):
             raise FileExistsError(
                 f"{out}: already holds a different run (pass --overwrite to replace it)"
@@ -76,7 +144,7 @@ def load_run_config(run_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{run}: run folder not found")
     if not (run / CONFIG_FILE).is_file():
         raise ValueError(f"{run}: not a run folder (no {CONFIG_FILE})")
-    config = read_json(run / CONFIG_FILE, "run config")
+    config = check_run_format(read_json(run / CONFIG_FILE, "run config"), run / CONFIG_FILE)
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"{run / CONFIG_FILE}: field 'model' missing (not a Mini-GPT run)")
     return config

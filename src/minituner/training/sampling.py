@@ -10,7 +10,31 @@ from __future__ import annotations
 
 import torch
 
-from minituner.course.data import collate_sequences
+
+def collate(sequences: list, pad_id: int, kl_rows: list | None = None) -> dict:
+    """Right-padded next-token batch: input_ids, targets, target_mask, kl_mask.
+
+    A sequence is a token-id list (every next token is a target) or ``{"ids", "mask"}`` (only
+    the flagged positions are). ``kl_mask`` marks the targets of the rows flagged in
+    ``kl_rows``: the replay rows a KL term keeps close to the base.
+    """
+    rows = [s if isinstance(s, dict) else {"ids": s, "mask": [True] * (len(s) - 1)}
+            for s in sequences]
+    width = max(len(s["ids"]) for s in rows) - 1
+    shape = (len(rows), width)
+    batch = {
+        "input_ids": torch.full(shape, pad_id, dtype=torch.long),
+        "targets": torch.full(shape, pad_id, dtype=torch.long),
+        "target_mask": torch.zeros(shape, dtype=torch.bool),
+    }
+    for row, seq in enumerate(rows):
+        n = len(seq["ids"]) - 1
+        batch["input_ids"][row, :n] = torch.tensor(seq["ids"][:-1])
+        batch["targets"][row, :n] = torch.tensor(seq["ids"][1:])
+        batch["target_mask"][row, :n] = torch.tensor(seq["mask"], dtype=torch.bool)
+    flags = torch.tensor(kl_rows or [False] * len(rows), dtype=torch.bool)
+    batch["kl_mask"] = batch["target_mask"] & flags[:, None]
+    return batch
 
 
 class EpochSampler:
@@ -70,4 +94,4 @@ class MixedBatches:
             extra = [self.replay[i] for i in self.replay_sampler.indices(micro_step)]
             rows += extra
             flags += [True] * len(extra)
-        return collate_sequences(rows, self.pad_id, flags)
+        return collate(rows, self.pad_id, flags)

@@ -1,0 +1,199 @@
+"""One fine-tuning pipeline for every model kind: :func:`run_finetune` with a backend.
+
+The pipeline owns what every run shares: settings validation, config.json (``"format"``, the
+model kind and the whole :class:`minituner.training.config.FinetuneConfig`), --resume (one
+path: a run whose settings differ is refused by name), the run folder rules, the batches
+(:class:`minituner.training.sampling.MixedBatches`), optimizer, schedule,
+:func:`minituner.training.loop.fit`, the manifest, log, plot and results.json. A backend
+(:class:`FinetuneBackend`) adds what one kind of model needs: loading the base and the data,
+the trainable model, its loss and validation, the evaluation before and after, and saving the
+trained result. The Mini-GPT backend lives in :mod:`minituner.course.finetune`, the
+transformers one in :mod:`minituner.hf.finetune`; the CLI chooses between them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from minituner.training import distributed as D
+from minituner.training.checkpoint import RunWriter
+from minituner.training.config import FinetuneConfig
+from minituner.training.loop import (
+    FitResult,
+    LoopConfig,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    seed_everything,
+    total_steps,
+)
+from minituner.training.runs import RUN_FORMAT, clear_checkpoints, prepare_run_dir, resume_state
+from minituner.training.sampling import MixedBatches
+from minituner.util.files import atomic_write_json, peak_rss_bytes, run_manifest
+from minituner.util.jsonl import write_jsonl
+from minituner.util.plots import plot_loss
+
+__all__ = ["FinetuneBackend", "Prepared", "TrainedRun", "run_config", "run_finetune"]
+
+
+@dataclass
+class Prepared:
+    """A backend's encoded data and what config.json records about the base and the data."""
+
+    train: list  # encoded training sequences ({"ids", "mask"})
+    validation: list  # encoded validation sequences (may be empty)
+    pad_id: int
+    identity: dict  # config.json fields that decide the run: base, data hash, ...
+    replay: list = field(default_factory=list)  # replay sequences (KL-flagged rows)
+    files: dict = field(default_factory=dict)  # data/NAME.jsonl -> records written to the run
+
+
+@dataclass
+class TrainedRun:
+    """What the results of a finished run are computed from."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    batches: MixedBatches
+    fit: FitResult
+    steps: int
+    dist: D.DistInfo
+
+
+class FinetuneBackend(Protocol):
+    """What one kind of model adds to :func:`run_finetune` (called in this order)."""
+
+    run_kind: str  # config.json "kind"
+
+    def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
+        """Devices and processes; returns where this process stands."""
+
+    def prepare(self, cfg: FinetuneConfig) -> Prepared:
+        """Load the base and read, split and encode the data."""
+
+    def evaluate_before(self, cfg: FinetuneConfig) -> None:
+        """Evaluate the base before training (kept for :meth:`results`)."""
+
+    def build_trainable(self, cfg: FinetuneConfig) -> nn.Module:
+        """The model to train (adapters applied or the base unfrozen), after seeding."""
+
+    def loss_fn(self, cfg: FinetuneConfig, model: nn.Module) -> Callable:
+        """loss_fn(model, batch) -> (summed token loss, token count)."""
+
+    def validator(self, cfg: FinetuneConfig, prepared: Prepared) -> Callable | None:
+        """evaluate(model) -> {"val_loss", ...}, or None without validation data."""
+
+    def start_info(self) -> dict:
+        """Settings to report when training starts (device, dtype, ...)."""
+
+    def on_step(self, model: nn.Module, record: dict) -> None:
+        """Checks after each step (before the caller's ``on_step``)."""
+
+    def results(self, cfg: FinetuneConfig, run: TrainedRun) -> dict:
+        """results.json of the run (evaluation after training included)."""
+
+    def save(self, cfg: FinetuneConfig, model: nn.Module, out: Path) -> None:
+        """Write the trained result (adapter, or model) into the run folder."""
+
+    def manifest_fields(self) -> dict:
+        """manifest.json fields beyond the seed and the data files (the base, ...)."""
+
+    def plot_title(self, cfg: FinetuneConfig) -> str:
+        """Title of loss.png."""
+
+
+def run_config(backend: FinetuneBackend, cfg: FinetuneConfig, prepared: Prepared) -> dict:
+    """config.json: the format, the model kind, every setting and what decides the run."""
+    return {"format": RUN_FORMAT, "kind": backend.run_kind, "model_kind": cfg.kind,
+            "method": cfg.method, "finetune": cfg.to_dict(), **prepared.identity}
+
+
+def _write_data(out: Path, prepared: Prepared) -> None:
+    for name, records in prepared.files.items():
+        write_jsonl(out / "data" / f"{name}.jsonl", records)
+
+
+def _start_run_folder(out: Path, config: dict, prepared: Prepared, fresh: bool,
+                      overwrite: bool) -> None:
+    if fresh:
+        prepare_run_dir(out, config, overwrite)
+        clear_checkpoints(out)
+    atomic_write_json(out / "config.json", config)
+    _write_data(out, prepared)
+
+
+def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume: bool = False,
+                 overwrite: bool = False, on_step: Callable[[dict], None] | None = None,
+                 on_start: Callable[[dict], None] | None = None,
+                 writer_enabled: bool = True) -> dict:
+    """Fine-tune with ``backend`` into the run folder ``out_dir``; returns the results.
+
+    ``on_start(info)`` gets {"steps", "resumed_from", ...backend.start_info()} before training,
+    ``on_step(record)`` each step's log record (the library never prints);
+    ``writer_enabled=False`` makes this process write nothing.
+    """
+    started = time.perf_counter()
+    cfg.validate()
+    out = Path(out_dir)
+    info = backend.setup(cfg)
+    prepared = backend.prepare(cfg)
+    config = run_config(backend, cfg, prepared)
+    D.barrier()  # every process reads the folder's old config before rank 0 touches it
+    checkpoint = resume_state(out, config) if resume else None
+    D.barrier()
+    backend.evaluate_before(cfg)
+    seed_everything(cfg.seed)
+    # Everything that can still reject a setting (targets, rank 0, the batch split) runs
+    # before the run folder is created or an old one is wiped.
+    model = backend.build_trainable(cfg)
+    batches = MixedBatches(prepared.train, prepared.replay,
+                           (cfg.batch_size - cfg.replay_rows) // info.world_size,
+                           cfg.replay_rows // info.world_size, cfg.seed, prepared.pad_id,
+                           info.rank, info.world_size)
+    steps = total_steps(cfg, batches.batches_per_epoch)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, steps, int(cfg.warmup * steps))
+    loss_fn = backend.loss_fn(cfg, model)
+    writer = RunWriter(out, enabled=writer_enabled and info.is_main)
+    writer.write(_start_run_folder, out, config, prepared, checkpoint is None, overwrite)
+    D.barrier()
+    if on_start is not None:
+        on_start({"steps": steps, "resumed_from": checkpoint and checkpoint["step"],
+                  **backend.start_info()})
+
+    def step_hook(record: dict) -> None:
+        backend.on_step(model, record)
+        if on_step is not None:
+            on_step(record)
+
+    loop = LoopConfig(steps=steps, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                      eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
+    result = fit(model, loss_fn, batches, optimizer, scheduler, loop,
+                 evaluate=backend.validator(cfg, prepared), writer=writer, on_step=step_hook,
+                 resume=checkpoint, reduce_count=D.reduce_count, reduce_loss=D.reduce_float)
+    results = backend.results(cfg, TrainedRun(model, optimizer, loss_fn, batches, result, steps,
+                                              info))
+    writer.write(backend.save, cfg, model, out)
+    writer.write(_write_manifest, out, cfg, backend.manifest_fields())
+    writer.write_log(result.log)
+    writer.write(plot_loss, result.log, out / "loss.png", title=backend.plot_title(cfg))
+    results["wall_s"] = time.perf_counter() - started
+    results["peak_rss_bytes"] = peak_rss_bytes()
+    writer.write(atomic_write_json, out / "results.json", results)
+    D.barrier()
+    return results
+
+
+def _write_manifest(out: Path, cfg: FinetuneConfig, extra: dict) -> None:
+    """manifest.json (hashes the data files, so only the writing process builds it)."""
+    atomic_write_json(out / "manifest.json", run_manifest(
+        cfg.seed, data_files={p.name: p for p in sorted((out / "data").glob("*.jsonl"))},
+        **extra))
