@@ -9,6 +9,7 @@ import pytest
 from minituner.course import corpus, data
 from minituner.course import verbs as V
 from minituner.models.tokenizer import Tokenizer
+from minituner.training.sampling import collate
 from minituner.util.jsonl import read_jsonl
 
 
@@ -106,7 +107,7 @@ def test_bpe_merge_across_the_blank_is_scored(tokenizer):
 def test_collate_pads_and_flags_replay_rows(tokenizer):
     short = data.text_sequence(tokenizer, "he walks")
     long = data.completion_sequence(tokenizer, "yesterday he ___ home", "went")
-    batch = data.collate_sequences([long, short], tokenizer.pad_id, kl_rows=[False, True])
+    batch = collate([long, short], tokenizer.pad_id, kl_rows=[False, True])
     width = len(long["ids"]) - 1
     assert batch["input_ids"].shape == (2, width)
     assert not batch["target_mask"][1, len(short["ids"]) - 1:].any()

@@ -12,7 +12,7 @@ from minituner.models.minigpt import masked_token_nll
 from minituner.training import pipeline
 from minituner.training.config import FinetuneConfig
 from minituner.training.distributed import DistInfo
-from minituner.training.loop import make_validator
+from minituner.training.evaluation import make_validator
 from minituner.util.files import atomic_write_json
 
 

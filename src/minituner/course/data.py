@@ -24,7 +24,6 @@ from pathlib import Path
 
 from minituner.course import corpus
 from minituner.course import verbs as V
-from minituner.training.sampling import collate
 from minituner.util.jsonl import read_jsonl
 
 BLANK = "___"
@@ -236,9 +235,3 @@ def sequences_of(examples: list, tokenizer, where: str = "examples") -> list:
         except ValueError as exc:
             raise ValueError(f"{where} example {number}: {exc}") from None
     return out
-
-
-def collate_sequences(sequences: list, pad_id: int, kl_rows: list | None = None) -> dict:
-    """Right-padded batch of ``{"ids", "mask"}`` sequences: :func:`minituner.training.sampling.
-    collate`, the one collate of every training and evaluation loop."""
-    return collate(sequences, pad_id, kl_rows)

@@ -30,12 +30,12 @@ import torch
 from minituner.course import corpus
 from minituner.course.data import (
     BLANK,
-    collate_sequences,
     completion_sequence,
     encode_completion,
     text_sequence,
 )
-from minituner.training.evaluation import masked_nll_sum, perplexity
+from minituner.training.evaluation import perplexity, summed_nll
+from minituner.training.sampling import collate
 
 BUILTIN_PROBES = ("irregular_past", "irregular_participle", "regular_control", "misconjugation")
 BUILTIN_CONTROL = "control_set"  # probes/control_set.jsonl: control lines, not probes
@@ -97,8 +97,7 @@ def sequence_logprobs(model, sequences: list, pad_id: int, batch_size: int = 256
     out = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        batch = collate_sequences([{"ids": s, "mask": [True] * (len(s) - 1)} for s in chunk],
-                                  pad_id)
+        batch = collate(chunk, pad_id)
         logits = model(batch["input_ids"]).float()
         logp = torch.log_softmax(logits, dim=-1)
         picked = logp.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
@@ -202,9 +201,7 @@ def sequences_perplexity(model, sequences: list, pad_id: int, batch_size: int = 
     """exp(mean NLL per scored token) of encoded sequences ({"ids", "mask"} each)."""
     if not sequences:
         raise ValueError("control set is empty")
-    batches = (collate_sequences(sequences[start : start + batch_size], pad_id)
-               for start in range(0, len(sequences), batch_size))
-    return perplexity(*masked_nll_sum(model, batches))
+    return perplexity(*summed_nll(model, sequences, pad_id, batch_size=batch_size))
 
 
 def control_perplexity(model, tokenizer, control: list, batch_size: int = 128) -> float:

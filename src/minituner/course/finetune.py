@@ -29,7 +29,7 @@ from minituner.course.evaluate import (
     evaluate_model,
     load_builtin_probes,
 )
-from minituner.course.objectives import make_loss_fn, make_validator, token_kl
+from minituner.course.objectives import make_loss_fn, token_kl
 from minituner.course.qlora_eval import qlora_comparison
 from minituner.lora import disable_adapters, wrap_minigpt_with_lora
 from minituner.lora.adapters import base_fingerprint, save_adapter
@@ -38,13 +38,14 @@ from minituner.training import distributed as D
 from minituner.training import pipeline
 from minituner.training.accounting import training_state_bytes
 from minituner.training.config import DEFAULT_STEPS, METHODS, FinetuneConfig
+from minituner.training.evaluation import make_validator
 from minituner.training.loop import total_steps
 from minituner.training.runs import load_base_run, save_model
 from minituner.util.files import sha256_json
 
 __all__ = ["DEFAULT_STEPS", "METHODS", "FinetuneConfig", "FinetuneData", "MiniGPTBackend",
            "ProgressSink", "build_trainable", "control_records", "load_base", "make_loss_fn",
-           "make_validator", "prepare_data", "run_finetune", "run_with_progress", "token_kl",
+           "prepare_data", "run_finetune", "run_with_progress", "token_kl",
            "total_steps"]
 
 PEAK_RSS_NOTE = ("peak resident memory of the whole process so far (ru_maxrss): Python, torch "
@@ -191,7 +192,7 @@ class MiniGPTBackend:
 
     def validator(self, cfg: FinetuneConfig, prepared: pipeline.Prepared):
         """Completion NLL of the SFT validation split."""
-        return make_validator(prepared.validation, prepared.pad_id)
+        return make_validator(prepared.validation, prepared.pad_id, batch_size=128)
 
     def start_info(self) -> dict:
         """Nothing beyond the step count to report."""

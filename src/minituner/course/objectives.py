@@ -9,7 +9,6 @@ from collections.abc import Callable
 import torch
 
 from minituner.models.minigpt import masked_token_nll
-from minituner.training.loop import make_validator as validator
 
 
 def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -43,9 +42,3 @@ def make_loss_fn(reference, kl_weight: float, replay_nll: float = 1.0) -> Callab
         return total, count
 
     return loss_fn
-
-
-def make_validator(sequences: list, pad_id: int) -> Callable:
-    """evaluate(model) -> {"val_loss", "val_ppl"} over completion tokens of the SFT val split
-    (:func:`minituner.training.loop.make_validator` with ``model(input_ids)``)."""
-    return validator(sequences, pad_id, batch_size=128)

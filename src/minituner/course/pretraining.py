@@ -11,7 +11,8 @@ from pathlib import Path
 from minituner.course import corpus
 from minituner.models.minigpt import MiniGPT, MiniGPTConfig
 from minituner.models.tokenizer import Tokenizer, train_tokenizer
-from minituner.training.loop import PretrainConfig, evaluate_loss, pretrain, seed_everything
+from minituner.training.evaluation import evaluate_loss
+from minituner.training.loop import PretrainConfig, pretrain, seed_everything
 from minituner.training.runs import is_complete_model_run, prepare_run_dir, save_model, write_config
 from minituner.util.files import atomic_write_json, atomic_write_text, run_manifest, sha256_file
 from minituner.util.plots import plot_loss

@@ -38,7 +38,7 @@ from minituner.models.minigpt import masked_token_nll
 from minituner.training import distributed as D
 from minituner.training import pipeline
 from minituner.training.config import FinetuneConfig
-from minituner.training.loop import make_validator
+from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
 
 __all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "enable_grad_checkpointing",

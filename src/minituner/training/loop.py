@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minituner.models.minigpt import masked_token_nll
 from minituner.training.checkpoint import capture_rng, restore_rng
 from minituner.training.config import KIND_DEFAULTS, FinetuneConfig, PretrainConfig
+from minituner.training.evaluation import evaluate_loss
 from minituner.training.sampling import collate
 
 
@@ -89,57 +89,6 @@ def batch_iterator(
         order = torch.randperm(len(sequences), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield collate([sequences[i] for i in order[start : start + batch_size]], pad_id)
-
-
-def call_model(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Logits of a Mini-GPT style model: ``model(input_ids)``."""
-    return model(batch["input_ids"])
-
-
-@torch.no_grad()
-def summed_nll(model: nn.Module, sequences: list, pad_id: int, forward: Callable = call_model,
-               batch_size: int = 64, device: torch.device | str | None = None) -> tuple:
-    """(sum of the masked next-token NLL, target count) of ``sequences`` in eval mode.
-
-    ``forward(model, batch)`` gives the logits (Mini-GPT ``model(ids)``, transformers
-    ``model(input_ids=..., attention_mask=...)``); the model's mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    for start in range(0, len(sequences), batch_size):
-        batch = collate(sequences[start : start + batch_size], pad_id)
-        if device is not None:
-            batch = {key: value.to(device) for key, value in batch.items()}
-        nll, n = masked_token_nll(forward(model, batch), batch["targets"], batch["target_mask"])
-        total, count = total + float(nll), count + float(n)
-    model.train(was_training)
-    return total, count
-
-
-def make_validator(sequences: list, pad_id: int, forward: Callable = call_model,
-                   batch_size: int = 128, device: torch.device | str | None = None,
-                   reduce_sum: Callable[[list], list] | None = None) -> Callable:
-    """evaluate(model) -> {"val_loss", "val_ppl"}: the masked NLL per target token.
-
-    ``reduce_sum`` sums [nll, count] over processes (each scores its own share of
-    ``sequences``) in a distributed run.
-    """
-
-    def evaluate(model: nn.Module) -> dict:
-        totals = list(summed_nll(model, sequences, pad_id, forward, batch_size, device))
-        if reduce_sum is not None:
-            totals = reduce_sum(totals)
-        loss = totals[0] / max(totals[1], 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
-
-    return evaluate
-
-
-def evaluate_loss(model: nn.Module, sequences: list, pad_id: int, batch_size: int = 64) -> float:
-    """Mean per-token NLL of ``sequences`` (every predicted token, <eos> included)."""
-    total, count = summed_nll(model, sequences, pad_id, batch_size=batch_size)
-    return total / max(count, 1.0)
 
 
 def pretrain(
