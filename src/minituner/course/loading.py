@@ -3,7 +3,7 @@ Mini-GPT, a full fine-tuning run, or a LoRA / QLoRA run (its base plus its adapt
 
 An adapter is attached only to the base it was trained on: its recorded base fingerprint must
 match the float base or, for a QLoRA adapter, the same base quantized to NF4 (the scheme is
-read from the adapter's run folder, default nf4_per_group_64).
+read from the adapter's run folder, default :data:`minituner.quant.DEFAULT_QUANT_SCHEME`).
 """
 
 from __future__ import annotations

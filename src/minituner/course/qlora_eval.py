@@ -18,7 +18,7 @@ from minituner.lora import (
     lora_state_dict,
     wrap_minigpt_with_lora,
 )
-from minituner.quant.qlora import logit_difference
+from minituner.quant.qlora import QuantizedLinear, logit_difference
 from minituner.training.accounting import training_state_bytes
 from minituner.training.loop import build_optimizer
 from minituner.training.memory import plan_memory
@@ -80,7 +80,7 @@ def _weight_error(float_model, qlora_model) -> dict:
     floats = dict(lora_layers(float_model))
     errors = []
     for name, layer in lora_layers(qlora_model):
-        if hasattr(layer.base, "dequantized_weight") and name in floats:
+        if isinstance(layer.base, QuantizedLinear) and name in floats:
             weight = floats[name].base.weight.float()
             error = weight - layer.base.dequantized_weight(torch.float32)
             errors.append(float(error.norm() / weight.norm()))
