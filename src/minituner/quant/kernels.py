@@ -22,15 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-NF4_CODE = torch.tensor(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    dtype=torch.float32,
-)
+from minituner.quant.reference import NF4_LEVELS
+
+NF4_CODE = NF4_LEVELS  # the 16 levels, as the reference defines them
 CHUNK = 1 << 18  # values per chunk (1 MiB of fp32): temporaries stay in cache
 
 
