@@ -52,15 +52,19 @@ def pretrain_config_from_args(args) -> object:
 
 def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool = False,
                            resume: bool = False) -> dict:
-    """Run pretraining with a tqdm progress bar showing the loss (a resumed run's bar starts
-    at its checkpoint)."""
+    """Run pretraining with a tqdm progress bar showing the loss; the bar starts with the first
+    step trained (a resumed run's at its checkpoint, a refused run shows none)."""
     from tqdm import tqdm
 
     from minituner.course.pretraining import run_pretraining
 
-    bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=0.5)
+    bars = []
 
     def on_step(record: dict) -> None:
+        if not bars:
+            bars.append(tqdm(total=cfg.steps, initial=record["step"] - 1, desc="pretrain",
+                             unit="step", dynamic_ncols=True, mininterval=0.5))
+        bar = bars[0]
         bar.update(record["step"] - bar.n)
         shown = {"loss": f"{record['loss']:.3f}"}
         if "val_ppl" in record:
@@ -71,7 +75,8 @@ def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool =
         return run_pretraining(out, cfg, overwrite=overwrite, reuse=reuse, on_step=on_step,
                                resume=resume)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
 
 
 def run(args) -> int:
