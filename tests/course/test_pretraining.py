@@ -88,6 +88,43 @@ def test_same_seed_gives_same_weights(tmp_path):
     assert a == b
 
 
+def interrupt_at(run, step: int) -> None:
+    """Make ``run`` look killed right after its checkpoint at ``step``."""
+    for path in (run / "checkpoints").glob("step-*.pt"):
+        if int(path.stem.split("-")[1]) > step:
+            path.unlink()
+    for name in ("results.json", "model.safetensors", "manifest.json"):
+        (run / name).unlink()
+
+
+def test_unfinished_run_is_refused_then_resumed_to_the_same_bytes(tmp_path):
+    from minituner.course.pretraining import run_pretraining
+    from minituner.training.loop import PretrainConfig
+
+    cfg = PretrainConfig(steps=6, eval_every=3, batch_size=8, seed=1)
+    out = tmp_path / "base"
+    first = run_pretraining(out, cfg)
+    assert first["resumed_from_step"] is None
+    whole = (out / "model.safetensors").read_bytes()
+    interrupt_at(out, 3)
+    with pytest.raises(FileExistsError, match="unfinished run .*step-000003.*--resume"):
+        run_pretraining(out, cfg)
+    assert (out / "checkpoints" / "step-000003.pt").is_file()  # the refusal touched nothing
+    with pytest.raises(ValueError, match=r"differ from the run's config.json \(train\)"):
+        run_pretraining(out, PretrainConfig(steps=6, eval_every=3, batch_size=8, seed=1, lr=0.01),
+                        resume=True)
+    resumed = run_pretraining(out, cfg, resume=True)
+    assert resumed["resumed_from_step"] == 3
+    assert (out / "model.safetensors").read_bytes() == whole
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 6
+    interrupt_at(out, 3)  # the demo's cache (reuse) continues an unfinished base
+    cached = run_pretraining(out, cfg, reuse=True)
+    assert (cached["reused"], cached["resumed_from_step"]) == (False, 3)
+    assert (out / "model.safetensors").read_bytes() == whole
+    assert run_pretraining(out, cfg, reuse=True)["reused"] is True
+    assert not list(tmp_path.glob(".*corpus.tmp"))
+
+
 def test_cli_help_and_bad_arguments():
     run = [sys.executable, "-m", "minituner"]
     out = subprocess.run(run + ["--help"], capture_output=True, text=True)

@@ -1,5 +1,5 @@
 """Crash safety: a fine-tuning run SIGKILLed at a random step and resumed ends with the same
-adapter as an uninterrupted run."""
+adapter as an uninterrupted run; a pretraining run killed and resumed ends with the same bytes."""
 
 from __future__ import annotations
 
@@ -77,3 +77,55 @@ def test_resume_refuses_a_run_with_other_settings(tiny_base_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert "differ from the run's config.json" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+PRETRAIN_STEPS = 60
+
+
+def pretrain_command(out, config, *extra) -> list:
+    return [sys.executable, "-m", "minituner", "pretrain", "--out", str(out), "--steps",
+            str(PRETRAIN_STEPS), "--batch-size", "8", "--config", str(config), *extra]
+
+
+@pytest.mark.slow
+def test_pretraining_sigkilled_then_resumed_gives_the_same_bytes(tmp_path):
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("eval_every: 4\nseed: 2\n")  # a checkpoint at every evaluation
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    kill_after = random.Random().randrange(4, PRETRAIN_STEPS - 12, 4)
+    child = subprocess.Popen(pretrain_command(killed, config), env=environment(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            steps = [s for s, _ in checkpoint_steps(killed)]
+            if steps and steps[-1] >= kill_after:
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, "the run finished before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists()
+    stopped_at = checkpoint_steps(killed)[-1][0]
+
+    again = subprocess.run(pretrain_command(killed, config), env=environment(),
+                           capture_output=True, text=True)
+    assert again.returncode == 1
+    assert "unfinished run" in again.stderr and "--resume" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+    assert checkpoint_steps(killed)[-1][0] == stopped_at  # the refused run touched nothing
+
+    done = subprocess.run(pretrain_command(whole, config), env=environment(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resumed = subprocess.run(pretrain_command(killed, config, "--resume"), env=environment(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    results = read_json(killed / "results.json")
+    assert results["resumed_from_step"] == stopped_at >= kill_after
+    assert len((killed / "train_log.jsonl").read_text().splitlines()) == PRETRAIN_STEPS
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert results["val_loss"] == read_json(whole / "results.json")["val_loss"]

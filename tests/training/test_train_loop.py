@@ -1,5 +1,5 @@
-"""The generic fine-tuning loop: token-count normalisation, NaN stop, best step, samplers,
-checkpoints."""
+"""The generic training loop: token-count normalisation, NaN stop, best step, samplers,
+checkpoints, and pretraining on it (the same bytes as the loop it replaced)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import torch
 
 from minituner.models.minigpt import MiniGPT, MiniGPTConfig, masked_token_nll
 from minituner.training.checkpoint import RunWriter, checkpoint_steps, load_checkpoint
+from minituner.training.config import PretrainConfig
+from minituner.training.evaluation import evaluate_loss
 from minituner.training.loop import (
     LoopConfig,
     NonFiniteLossError,
     build_optimizer,
     build_scheduler,
     fit,
+    lm_loss,
+    pretrain,
+    seed_everything,
 )
-from minituner.training.sampling import EpochSampler
+from minituner.training.sampling import EpochSampler, SequenceBatches, StreamEpochSampler, collate
 
 SMALL = MiniGPTConfig(vocab_size=16, context_len=8, d_model=16, n_heads=2, n_layers=1, d_ff=32)
 
@@ -144,3 +149,115 @@ def test_epoch_sampler_is_a_pure_function_of_the_step():
     assert len(rows) == len(set(rows)) == 6
     with pytest.raises(ValueError, match="cannot fill one batch"):
         EpochSampler(3, 4, seed=0)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def old_batch_order(n_items: int, batch_size: int, seed: int, count: int) -> list:
+    """The order pretraining used before it ran on fit: one seeded generator, one randperm per
+    epoch, the remainder of each epoch dropped."""
+    generator, batches = torch.Generator().manual_seed(seed), []
+    while len(batches) < count:
+        order = torch.randperm(n_items, generator=generator).tolist()
+        for start in range(0, n_items - batch_size + 1, batch_size):
+            batches.append(order[start : start + batch_size])
+    return batches[:count]
+
+
+def old_pretrain(model, train, val, pad_id, cfg) -> list:
+    """The pretraining loop as it was before it ran on fit (the reference for the bytes)."""
+    generator = seed_everything(cfg.seed)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps)
+    order = old_batch_order(len(train), cfg.batch_size, cfg.seed, cfg.steps)
+    assert generator.initial_seed() == cfg.seed
+    val_losses = []
+    model.train()
+    for step, rows in enumerate(order, start=1):
+        batch = collate([train[i] for i in rows], pad_id)
+        _, loss = model(batch["input_ids"], batch["targets"], batch["target_mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val_losses.append(evaluate_loss(model, val, pad_id))
+    return val_losses
+
+
+def random_sequences(count: int, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (count,), generator=generator).tolist()
+    return [torch.randint(1, 16, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_stream_sampler_reproduces_the_seeded_generator_order():
+    sampler = StreamEpochSampler(11, 3, seed=5)
+    assert sampler.batches_per_epoch == 3  # 11 // 3: two rows of each epoch are dropped
+    old = old_batch_order(11, 3, 5, 14)
+    assert [sampler.indices(k) for k in range(14)] == old
+    assert old[3] != old[0] or old[4] != old[1]  # epochs differ
+    # Stateless: any step in any order, as a resumed run asks for them.
+    assert [sampler.indices(k) for k in (13, 2, 9, 0, 13)] == [old[k] for k in (13, 2, 9, 0, 13)]
+    assert StreamEpochSampler(11, 3, seed=5).indices(10) == old[10]
+
+
+def test_lm_loss_sum_over_count_is_the_models_mean_bit_for_bit():
+    torch.manual_seed(0)
+    model, batch = MiniGPT(SMALL), make_batch(3)
+    _, mean = model(batch["input_ids"], batch["targets"], batch["target_mask"])
+    mean.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    total, count = lm_loss(model, batch)
+    assert int(count) == int(batch["target_mask"].sum())
+    divided = total / max(1, int(count))  # what fit does with one micro-batch
+    assert torch.equal(divided, mean)
+    divided.backward()
+    for a, b in zip(expected, (p.grad for p in model.parameters()), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pretrain_on_fit_gives_the_old_loops_bytes():
+    train, val = random_sequences(30, 1), random_sequences(9, 2)
+    cfg = PretrainConfig(steps=24, batch_size=4, lr=3e-3, warmup_steps=3, eval_every=5, seed=4)
+    old = MiniGPT(SMALL)  # the init does not matter: both start from the same weights
+    new = MiniGPT(SMALL)
+    new.load_state_dict(old.state_dict())
+    val_losses = old_pretrain(old, train, val, 0, cfg)
+    result = pretrain(new, train, val, 0, cfg)
+    assert len(result.log) == cfg.steps and result.best_step is not None
+    assert [r["val_loss"] for r in result.log if "val_loss" in r] == val_losses
+    for (name, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_pretrain_resumes_from_a_checkpoint_to_the_same_bytes(tmp_path):
+    train, val = random_sequences(30, 1), random_sequences(9, 2)
+    cfg = PretrainConfig(steps=20, batch_size=4, warmup_steps=3, eval_every=5, seed=4)
+    torch.manual_seed(0)
+    whole = MiniGPT(SMALL)
+    start = {k: v.clone() for k, v in whole.state_dict().items()}
+    pretrain(whole, train, val, 0, cfg, writer=RunWriter(tmp_path, keep=10))
+    assert [s for s, _ in checkpoint_steps(tmp_path)] == [5, 10, 15, 20]
+    torch.manual_seed(99)  # another init: everything comes from the checkpoint
+    again = MiniGPT(SMALL)
+    state = load_checkpoint(tmp_path / "checkpoints" / "step-000010.pt")
+    result = pretrain(again, train, val, 0, cfg, resume=state)
+    assert result.resumed_from == 10 and [r["step"] for r in result.log] == list(range(1, 21))
+    for (name, a), (_, b) in zip(whole.state_dict().items(), again.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(start[k], v) for k, v in again.state_dict().items())
+
+
+def test_sequence_batches_collate_the_sampled_rows():
+    sequences = random_sequences(10, 0)
+    batches = SequenceBatches(sequences, 3, seed=2, pad_id=0)
+    rows = batches.sampler.indices(4)
+    assert torch.equal(batches(4)["input_ids"],
+                       collate([sequences[i] for i in rows], 0)["input_ids"])
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        SequenceBatches(sequences[:2], 3, seed=2, pad_id=0)

@@ -31,7 +31,10 @@ def register(subparsers) -> None:
     )
     add_pretrain_flags(parser)
     parser.add_argument("--out", default="runs/base", help="run folder (default runs/base)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a different run")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an unfinished run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different or unfinished run")
     parser.set_defaults(func=run)
 
 
@@ -47,31 +50,39 @@ def pretrain_config_from_args(args) -> object:
     return from_dict(PretrainConfig, merged, "pretrain config")
 
 
-def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool = False) -> dict:
-    """Run pretraining with a tqdm progress bar showing the loss."""
+def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool = False,
+                           resume: bool = False) -> dict:
+    """Run pretraining with a tqdm progress bar showing the loss; the bar starts with the first
+    step trained (a resumed run's at its checkpoint, a refused run shows none)."""
     from tqdm import tqdm
 
     from minituner.course.pretraining import run_pretraining
 
-    bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=0.5)
+    bars = []
 
     def on_step(record: dict) -> None:
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=cfg.steps, initial=record["step"] - 1, desc="pretrain",
+                             unit="step", dynamic_ncols=True, mininterval=0.5))
+        bar = bars[0]
+        bar.update(record["step"] - bar.n)
         shown = {"loss": f"{record['loss']:.3f}"}
         if "val_ppl" in record:
             shown["val_ppl"] = f"{record['val_ppl']:.3f}"
         bar.set_postfix(shown, refresh=False)
 
     try:
-        return run_pretraining(out, cfg, overwrite=overwrite, reuse=reuse, on_step=on_step)
+        return run_pretraining(out, cfg, overwrite=overwrite, reuse=reuse, on_step=on_step,
+                               resume=resume)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
 
 
 def run(args) -> int:
     """Pretrain and print the validation perplexity and wall time."""
     cfg = pretrain_config_from_args(args)
-    results = pretrain_with_progress(args.out, cfg, overwrite=args.overwrite)
+    results = pretrain_with_progress(args.out, cfg, overwrite=args.overwrite, resume=args.resume)
     print(
         f"pretrained {results['params']:,} parameters in {results['wall_s']:.1f} s: "
         f"validation perplexity {results['val_ppl']:.3f}, test {results['test_ppl']:.3f} "

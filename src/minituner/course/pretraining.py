@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +11,20 @@ from pathlib import Path
 from minituner.course import corpus
 from minituner.models.minigpt import MiniGPT, MiniGPTConfig
 from minituner.models.tokenizer import Tokenizer, train_tokenizer
+from minituner.training.checkpoint import RunWriter, latest_checkpoint
+from minituner.training.config import PretrainConfig
 from minituner.training.evaluation import evaluate_loss
-from minituner.training.loop import PretrainConfig, pretrain, seed_everything
-from minituner.training.runs import is_complete_model_run, prepare_run_dir, save_model, write_config
-from minituner.util.files import atomic_write_json, atomic_write_text, run_manifest, sha256_file
+from minituner.training.loop import pretrain, seed_everything
+from minituner.training.runs import (
+    CONFIG_FILE,
+    clear_checkpoints,
+    is_complete_model_run,
+    prepare_run_dir,
+    resume_state,
+    save_model,
+    write_config,
+)
+from minituner.util.files import atomic_write_json, read_json, run_manifest, sha256_file
 from minituner.util.plots import plot_loss
 
 CORPUS_DIR = "corpus"
@@ -61,63 +71,102 @@ def run_pretraining(
     overwrite: bool = False,
     reuse: bool = False,
     on_step: Callable[[dict], None] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Pretrain a Mini-GPT into a run folder and return its results.
 
-    The corpus is generated into ``out_dir/corpus`` with the run's seed. With ``reuse``, a
-    complete run with the same config and data hashes is kept as is (the demo's cache).
+    The corpus is generated into ``out_dir/corpus`` with the run's seed. A folder holding an
+    unfinished run is refused unless ``resume`` (continue from its last checkpoint; a run whose
+    config or data differ is refused by name) or ``overwrite``. With ``reuse`` (the demo's
+    cache), a complete run with the same config and data hashes is kept as is and an
+    unfinished one is resumed.
     """
     model_cfg = model_cfg or MiniGPTConfig()
     out = Path(out_dir)
     started = time.perf_counter()
-    corpus_dir = out / CORPUS_DIR
     staging = out.parent / f".{out.name}.corpus.tmp"
-    build_corpus(staging, seed=train_cfg.seed, context_len=model_cfg.context_len)
-    data = corpus_hashes(staging)
-    config = pretrain_run_config(model_cfg, train_cfg, data)
-    if reuse and is_complete_model_run(out) and (out / "results.json").is_file():
-        existing = json.loads((out / "config.json").read_text())
-        if existing == config:
-            _remove_tree(staging)
-            return {**json.loads((out / "results.json").read_text()), "reused": True}
-    prepare_run_dir(out, config, overwrite=overwrite)
-    if corpus_dir.exists():
-        _remove_tree(corpus_dir)
-    staging.rename(corpus_dir)
-    tokenizer = Tokenizer.load(corpus_dir / "tokenizer.json")
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(
-            f"model vocab_size {model_cfg.vocab_size} != tokenizer size {tokenizer.vocab_size}"
-        )
+    try:
+        build_corpus(staging, seed=train_cfg.seed, context_len=model_cfg.context_len)
+        config = pretrain_run_config(model_cfg, train_cfg, corpus_hashes(staging))
+        same_run = _holds_run(out, config)
+        if reuse and same_run and _is_finished(out):
+            return {**read_json(out / "results.json"), "reused": True}
+        tokenizer = Tokenizer.load(staging / "tokenizer.json")
+        if tokenizer.vocab_size != model_cfg.vocab_size:
+            raise ValueError(f"model vocab_size {model_cfg.vocab_size} != tokenizer size "
+                             f"{tokenizer.vocab_size}")
+        resuming = resume or (reuse and same_run)
+        checkpoint = resume_state(out, config) if resuming else None
+        if checkpoint is None:
+            if not (resuming or overwrite):
+                _refuse_unfinished(out)
+            prepare_run_dir(out, config, overwrite=overwrite)
+            clear_checkpoints(out)
+            (out / "results.json").unlink(missing_ok=True)
+        _remove_tree(out / CORPUS_DIR)
+        staging.rename(out / CORPUS_DIR)
+    finally:
+        _remove_tree(staging)
+    write_config(out, config)
+    return _train(out, config, train_cfg, model_cfg, tokenizer, checkpoint, on_step, started)
+
+
+def _train(out: Path, config: dict, train_cfg: PretrainConfig, model_cfg: MiniGPTConfig,
+           tokenizer: Tokenizer, checkpoint: dict | None, on_step: Callable | None,
+           started: float) -> dict:
+    """Pretrain from scratch or ``checkpoint`` and write the finished run folder."""
+    corpus_dir = out / CORPUS_DIR
     train_seqs = load_corpus_split(corpus_dir, "train", tokenizer)
     val_seqs = load_corpus_split(corpus_dir, "validation", tokenizer)
     seed_everything(train_cfg.seed)
     model = MiniGPT(model_cfg)
-    log = pretrain(model, train_seqs, val_seqs, tokenizer.pad_id, train_cfg, on_step=on_step)
+    writer = RunWriter(out)
+    fitted = pretrain(model, train_seqs, val_seqs, tokenizer.pad_id, train_cfg, on_step=on_step,
+                      writer=writer, resume=checkpoint)
+    log = fitted.log
     test_seqs = load_corpus_split(corpus_dir, "test", tokenizer)
     test_loss = evaluate_loss(model, test_seqs, tokenizer.pad_id)
-    wall = time.perf_counter() - started
     results = {
         "val_loss": log[-1]["val_loss"],
         "val_ppl": log[-1]["val_ppl"],
         "test_ppl": math.exp(test_loss),
         "params": sum(p.numel() for p in model.parameters()),
         "steps": train_cfg.steps,
-        "wall_s": wall,
+        "resumed_from_step": fitted.resumed_from,
+        "wall_s": time.perf_counter() - started,
         "reused": False,
     }
     save_model(out, model, tokenizer)
-    write_config(out, config)
     atomic_write_json(out / "manifest.json", run_manifest(train_cfg.seed, data_files={
         p.name: p for p in sorted(corpus_dir.iterdir()) if p.is_file()
     }))
-    atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
+    writer.write_log(log)
     plot_loss(log, out / "loss.png", title="Mini-GPT pretraining")
     atomic_write_json(out / "results.json", results)
     return results
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
+def _holds_run(out: Path, config: dict) -> bool:
+    """True when ``out``'s config.json is ``config`` (the same run, finished or not)."""
+    try:
+        return read_json(out / CONFIG_FILE) == config
+    except (OSError, ValueError):
+        return False
 
+
+def _is_finished(out: Path) -> bool:
+    """True when the run in ``out`` wrote its weights and results (results.json comes last)."""
+    return is_complete_model_run(out) and (out / "results.json").is_file()
+
+
+def _refuse_unfinished(out: Path) -> None:
+    """Refuse to start again over a run that was stopped before it finished."""
+    if (out / CONFIG_FILE).is_file() and not _is_finished(out):
+        last = latest_checkpoint(out)
+        where = f" (last checkpoint {last.name})" if last else ""
+        raise FileExistsError(f"{out}: holds an unfinished run{where}; pass --resume to continue "
+                              "it or --overwrite to start again")
+
+
+def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)

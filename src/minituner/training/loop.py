@@ -1,20 +1,22 @@
-"""Training: the optimizer builder, the warmup + cosine schedule and the pretraining loop."""
+"""Training: the optimizer builder, the warmup + cosine schedule, the one training loop
+(:func:`fit`) and pretraining on it (:func:`pretrain`)."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from minituner.models.minigpt import masked_token_nll
 from minituner.training.checkpoint import capture_rng, restore_rng
 from minituner.training.config import KIND_DEFAULTS, FinetuneConfig, PretrainConfig
-from minituner.training.evaluation import evaluate_loss
-from minituner.training.sampling import collate
+from minituner.training.evaluation import call_model, make_validator
+from minituner.training.sampling import SequenceBatches
 
 
 def trainable_parameters(model: nn.Module) -> list:
@@ -81,51 +83,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def batch_iterator(
-    sequences: list, batch_size: int, pad_id: int, generator: torch.Generator
-) -> Iterator:
-    """Endless shuffled batches (:func:`minituner.training.sampling.collate`) of token-id lists."""
-    while True:
-        order = torch.randperm(len(sequences), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([sequences[i] for i in order[start : start + batch_size]], pad_id)
-
-
-def pretrain(
-    model: nn.Module,
-    train_sequences: list,
-    val_sequences: list,
-    pad_id: int,
-    cfg: PretrainConfig,
-    on_step: Callable[[dict], None] | None = None,
-) -> list:
-    """Train ``model`` on next-token prediction; returns the log records (one per eval)."""
-    generator = seed_everything(cfg.seed)
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps)
-    batches = batch_iterator(train_sequences, cfg.batch_size, pad_id, generator)
-    log, started = [], time.perf_counter()
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        batch = next(batches)
-        _, loss = model(batch["input_ids"], batch["targets"], batch["target_mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            record["val_loss"] = evaluate_loss(model, val_sequences, pad_id)
-            record["val_ppl"] = math.exp(record["val_loss"])
-            record["elapsed_s"] = time.perf_counter() - started
-        log.append(record)
-        if on_step is not None:
-            on_step(record)
-    return log
-
-
-# ----------------------------------------------------------------------------- fine-tuning loop
+# ----------------------------------------------------------------------------- the training loop
 
 
 @dataclass
@@ -256,3 +214,40 @@ def _check_finite(what: str, value: float, step: int, writer) -> None:
         f"training stopped: {what} is {value} at step {step}; {kept} "
         "(lower --lr or check the data)"
     )
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple:
+    """(summed masked next-token NLL, target count) of a Mini-GPT style model: pretraining's
+    ``loss_fn`` for :func:`fit` (whose sum / count is the model's own mean loss)."""
+    return masked_token_nll(call_model(model, batch), batch["targets"], batch["target_mask"])
+
+
+def pretrain(
+    model: nn.Module,
+    train_sequences: list,
+    val_sequences: list,
+    pad_id: int,
+    cfg: PretrainConfig,
+    on_step: Callable[[dict], None] | None = None,
+    writer=None,
+    resume: dict | None = None,
+) -> FitResult:
+    """Train ``model`` on next-token prediction with :func:`fit`; resumable.
+
+    Batches follow :class:`minituner.training.sampling.SequenceBatches` (the seed's order),
+    every ``eval_every`` steps the validation loss is logged and a checkpoint goes through
+    ``writer``, and ``resume`` (a loaded checkpoint) continues a killed run. The model keeps
+    the last step's weights (not the best step's): that is the base.
+    """
+    seed_everything(cfg.seed)
+    batches = SequenceBatches(train_sequences, cfg.batch_size, cfg.seed, pad_id)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps)
+    loop = LoopConfig(steps=cfg.steps, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
+                      checkpoint_every=cfg.eval_every)
+    evaluate = make_validator(val_sequences, pad_id, batch_size=64)
+    return fit(model, lm_loss, batches, optimizer, scheduler, loop, evaluate=evaluate,
+               writer=writer, on_step=on_step, resume=resume, restore_best=False)

@@ -95,3 +95,41 @@ class MixedBatches:
             rows += extra
             flags += [True] * len(extra)
         return collate(rows, self.pad_id, flags)
+
+
+class StreamEpochSampler(EpochSampler):
+    """Pretraining's data order: epoch ``e`` is the (e+1)-th permutation drawn from ONE
+    generator seeded with ``seed`` (the order base runs have always used, so the same seed
+    keeps giving the same base). Still a function of the step: a permutation is redrawn on
+    demand, and the current epoch's is cached."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int):
+        super().__init__(n_items, batch_size, seed)
+        self._generator = torch.Generator()
+
+    def _permutation(self, epoch: int) -> list:
+        drawn, order = self._cache  # the last epoch drawn from the stream, and its order
+        if drawn < 0 or epoch < drawn:  # nothing drawn yet, or an earlier epoch: restart
+            self._generator.manual_seed(self.seed)
+            drawn = -1
+        while drawn < epoch:
+            order = torch.randperm(self.n_items, generator=self._generator).tolist()
+            drawn += 1
+        self._cache = (drawn, order)
+        return order
+
+
+class SequenceBatches:
+    """Batch ``k`` of token-id sequences in :class:`StreamEpochSampler` order (pretraining)."""
+
+    def __init__(self, sequences: list, batch_size: int, seed: int, pad_id: int):
+        self.sequences, self.pad_id = sequences, pad_id
+        self.sampler = StreamEpochSampler(len(sequences), batch_size, seed)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per pass over the sequences (the last partial batch is dropped)."""
+        return self.sampler.batches_per_epoch
+
+    def __call__(self, step: int) -> dict:
+        return collate([self.sequences[i] for i in self.sampler.indices(step)], self.pad_id)
