@@ -71,7 +71,3 @@ def test_same_seed_same_bytes_different_seed_different_bytes(tmp_path):
     assert a["train.jsonl"] != c["train.jsonl"]
     a_bytes = (tmp_path / "a" / "train.jsonl").read_bytes()
     assert a_bytes == (tmp_path / "b" / "train.jsonl").read_bytes()
-
-
-def test_old_corpus_names_are_the_util_jsonl_functions():
-    assert corpus.read_jsonl is read_jsonl

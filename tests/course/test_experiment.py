@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from minituner.course import corpus
 from minituner.course.evaluate import builtin_path
 from minituner.course.probesets import builtin_sets
 from minituner.course.sweep import elbow_rank, parse_ranks
 from minituner.util.files import read_json
+from minituner.util.jsonl import jsonl_text, read_jsonl
 
 
 def test_committed_probe_files_are_what_the_generator_writes(tiny_base_run):
     # the tiny base's corpus is the seed-0 corpus, the one the committed files come from
     for name, records in builtin_sets(tiny_base_run / "corpus").items():
         committed = builtin_path(name).read_text(encoding="utf-8")
-        assert committed == corpus.jsonl_text(records), name
+        assert committed == jsonl_text(records), name
 
 
 def test_probes_hold_96_items_each_all_from_test_frames():
@@ -26,7 +26,7 @@ def test_probes_hold_96_items_each_all_from_test_frames():
 
     test_frames = set(split_frames()["test"])
     for name in ("irregular_past", "irregular_participle"):
-        probes = corpus.read_jsonl(builtin_path(name))
+        probes = read_jsonl(builtin_path(name))
         assert len(probes) == 96 and {p["frame"] for p in probes} <= test_frames
 
 

@@ -51,13 +51,13 @@ def probes_for(args, kind: str) -> list:
 
 def evaluate_args(args) -> dict:
     """The evaluation dict for the parsed arguments (model, adapter, probes, control)."""
-    from minituner.course.corpus import read_jsonl
     from minituner.course.evaluate import (
         BUILTIN_CONTROL,
         builtin_path,
         control_sequences,
         evaluate_model,
     )
+    from minituner.util.jsonl import read_jsonl
 
     model, tokenizer, kind = load_for_inference(args)
     probes = probes_for(args, kind)

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from minituner.course import verbs as V
 from minituner.util.files import atomic_write_json, sha256_file
-from minituner.util.jsonl import jsonl_text as jsonl_text  # old name; use minituner.util.jsonl
-from minituner.util.jsonl import read_jsonl as read_jsonl  # old name; use minituner.util.jsonl
 from minituner.util.jsonl import write_jsonl
 
 CORPUS_FORMAT_VERSION = 1

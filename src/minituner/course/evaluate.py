@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from minituner.course import corpus
 from minituner.course.data import (
     BLANK,
     completion_sequence,
@@ -36,6 +35,7 @@ from minituner.course.data import (
 )
 from minituner.training.evaluation import perplexity, summed_nll
 from minituner.training.sampling import collate
+from minituner.util.jsonl import read_jsonl
 
 BUILTIN_PROBES = ("irregular_past", "irregular_participle", "regular_control", "misconjugation")
 BUILTIN_CONTROL = "control_set"  # probes/control_set.jsonl: control lines, not probes
@@ -73,7 +73,7 @@ def check_probe(record, where: str) -> dict:
 
 def load_probes(path: str | Path) -> list:
     """Read and validate a probe file; errors name the line number."""
-    records = corpus.read_jsonl(path)
+    records = read_jsonl(path)
     if not records:
         raise ValueError(f"{path}: no probes")
     numbered = []

@@ -42,6 +42,7 @@ from minituner.training.evaluation import make_validator
 from minituner.training.loop import total_steps
 from minituner.training.runs import load_base_run, save_model
 from minituner.util.files import sha256_json
+from minituner.util.jsonl import read_jsonl
 
 __all__ = ["DEFAULT_STEPS", "METHODS", "FinetuneConfig", "FinetuneData", "MiniGPTBackend",
            "ProgressSink", "build_trainable", "control_records", "load_base", "make_loss_fn",
@@ -71,8 +72,8 @@ def control_records(base_dir) -> list:
     built-in set when the base has no corpus; both agree for a seed-0 base)."""
     test_file = Path(base_dir) / "corpus" / "test.jsonl"
     if test_file.is_file():
-        return data.build_control_set(corpus.read_jsonl(test_file))
-    return corpus.read_jsonl(builtin_path("control_set"))
+        return data.build_control_set(read_jsonl(test_file))
+    return read_jsonl(builtin_path("control_set"))
 
 
 def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig) -> FinetuneData:
@@ -86,14 +87,14 @@ def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig) -> FinetuneData
     else:
         if not (corpus_dir / "irregular.jsonl").is_file():
             raise ValueError(f"{base_dir}: has no corpus/irregular.jsonl; pass --train-data")
-        sft = data.build_sft_set(corpus.read_jsonl(corpus_dir / "irregular.jsonl"), tokenizer)
+        sft = data.build_sft_set(read_jsonl(corpus_dir / "irregular.jsonl"), tokenizer)
     if not sft["validation"]:
         raise ValueError("the validation split is empty: give more examples or --val-data")
     replay: list = []
     if cfg.replay > 0:
         if not (corpus_dir / "train.jsonl").is_file():
             raise ValueError(f"{base_dir}: has no corpus/train.jsonl for --replay; use --replay 0")
-        texts = corpus.pretraining_texts(corpus.read_jsonl(corpus_dir / "train.jsonl"))
+        texts = corpus.pretraining_texts(read_jsonl(corpus_dir / "train.jsonl"))
         replay = [data.text_sequence(tokenizer, t) for t in texts]
     control = control_records(base_dir)
     return FinetuneData(

@@ -25,6 +25,7 @@ from minituner.training.runs import (
     write_config,
 )
 from minituner.util.files import atomic_write_json, read_json, run_manifest, sha256_file
+from minituner.util.jsonl import read_jsonl
 from minituner.util.plots import plot_loss
 
 CORPUS_DIR = "corpus"
@@ -42,7 +43,7 @@ def build_corpus(out_dir: str | Path, seed: int = 0, context_len: int = 32) -> t
 
 def load_corpus_split(corpus_dir: str | Path, split: str, tokenizer: Tokenizer) -> list:
     """Token-id sequences (<bos> text <eos>) of a pretraining split, both languages."""
-    records = corpus.read_jsonl(Path(corpus_dir) / f"{split}.jsonl")
+    records = read_jsonl(Path(corpus_dir) / f"{split}.jsonl")
     return [tokenizer.encode(t, bos=True, eos=True) for t in corpus.pretraining_texts(records)]
 
 

@@ -18,11 +18,11 @@ context is truncated (and counted, so the caller can warn) or refused with ``str
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from minituner.util.jsonl import read_numbered_jsonl
 
 
 @dataclass
@@ -36,31 +36,12 @@ class EncodedData:
 
 def read_examples(path: str | os.PathLike) -> list:
     """(line number, record) of every non-blank line; an invalid line is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: data file not found")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            out = _parse_lines(handle, path)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    if not out:
-        raise ValueError(f"{path}: no examples")
-    return out
-
-
-def _parse_lines(lines, path: Path) -> list:
-    out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+    examples = read_numbered_jsonl(path, "data file")
+    for number, record in examples:
         _check_record(record, f"{path}:{number}")
-        out.append((number, record))
-    return out
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
 
 
 def _check_record(record, where: str) -> None:

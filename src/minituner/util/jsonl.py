@@ -24,9 +24,10 @@ def write_jsonl(path: str | Path, records: list) -> Path:
     return atomic_write_text(path, jsonl_text(records))
 
 
-def read_jsonl(path: str | Path, what: str = "JSONL file") -> list:
-    """Read every record of a JSON Lines file (blank lines skipped); a missing file or a line
-    that is not JSON is a one-line error naming ``what``, the file and the line number."""
+def read_numbered_jsonl(path: str | Path, what: str = "JSONL file") -> list:
+    """(line number, record) of every non-blank line of a JSON Lines file; a missing file, text
+    that is not UTF-8 or a line that is not JSON is a one-line error naming ``what``, the file
+    and the line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} not found")
@@ -39,7 +40,13 @@ def read_jsonl(path: str | Path, what: str = "JSONL file") -> list:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: invalid JSON in {what} ({exc.msg})") from None
     return records
+
+
+def read_jsonl(path: str | Path, what: str = "JSONL file") -> list:
+    """Every record of a JSON Lines file (blank lines skipped), with
+    :func:`read_numbered_jsonl`'s one-line errors."""
+    return [record for _, record in read_numbered_jsonl(path, what)]
