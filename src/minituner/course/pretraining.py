@@ -82,6 +82,7 @@ def run_pretraining(
     cache), a complete run with the same config and data hashes is kept as is and an
     unfinished one is resumed.
     """
+    train_cfg.validate()
     model_cfg = model_cfg or MiniGPTConfig()
     out = Path(out_dir)
     started = time.perf_counter()

@@ -10,6 +10,7 @@ transformers matters).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from minituner.quant import DEFAULT_QUANT_SCHEME
@@ -17,7 +18,7 @@ from minituner.util.config import from_dict, typed_values
 
 __all__ = ["DEFAULT_STEPS", "HF_PREFIX", "KINDS", "KIND_DEFAULTS", "KIND_METHODS",
            "KIND_REFUSES", "METHODS", "RUNTIME_FIELDS", "FinetuneConfig", "PretrainConfig",
-           "flag_name", "kind_defaults", "model_kind"]
+           "check_ranges", "flag_name", "kind_defaults", "model_kind"]
 
 METHODS = ("lora", "qlora", "full")
 HF_PREFIX = "hf:"
@@ -57,6 +58,24 @@ def model_kind(model: str | None) -> str:
 def flag_name(field: str) -> str:
     """The CLI flag of a setting: 'batch_size' -> '--batch-size'."""
     return "--" + field.replace("_", "-")
+
+
+# Settings only a --config file (or code) can give: an error names them as they are written there.
+FILE_ONLY = {"grad_clip"}
+PRETRAIN_FLAGS = ("steps", "batch_size", "lr", "seed")
+
+
+def _finite(value) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def check_ranges(values: object, checks: list, file_only=()) -> None:
+    """Raise a one-line ValueError for the first failed (field, ok, what) of ``checks``,
+    naming the flag (or, for a setting in ``file_only``, the config key) and the value."""
+    for name, ok, what in checks:
+        if not ok:
+            shown = f"{name} (a --config setting)" if name in file_only else flag_name(name)
+            raise ValueError(f"{shown} must be {what}, got {getattr(values, name)!r}")
 
 
 @dataclass
@@ -118,15 +137,21 @@ class FinetuneConfig:
                              f"{KIND_NAMES[kind]} models, got {self.method!r}")
         checks = [
             ("rank", self.rank >= 0, "a non-negative int"),
-            ("alpha", self.alpha > 0, "positive"),
+            ("alpha", self.alpha > 0 and _finite(self.alpha), "a positive finite number"),
             ("batch_size", self.batch_size >= 1, "a positive int"),
             ("grad_accum", self.grad_accum >= 1, "a positive int"),
-            ("lr", self.lr > 0, "positive"),
+            ("lr", self.lr > 0 and _finite(self.lr), "a positive finite number"),
             ("warmup", 0 <= self.warmup < 1, "a fraction in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0 and _finite(self.weight_decay),
+             "a non-negative finite number"),
+            ("grad_clip", self.grad_clip >= 0 and _finite(self.grad_clip),
+             "a non-negative finite number (0 = no clipping)"),
+            ("seed", self.seed >= 0, "a non-negative int"),
             ("replay", 0 <= self.replay < 1, "a fraction in [0, 1)"),
-            ("kl", self.kl >= 0, "non-negative"),
+            ("kl", self.kl >= 0 and _finite(self.kl), "a non-negative finite number"),
             ("dropout", 0 <= self.dropout < 1, "a fraction in [0, 1)"),
-            ("replay_nll", self.replay_nll >= 0, "non-negative"),
+            ("replay_nll", self.replay_nll >= 0 and _finite(self.replay_nll),
+             "a non-negative finite number"),
             ("eval_every", self.eval_every >= 1, "a positive int"),
             ("checkpoint_every", self.checkpoint_every >= 1, "a positive int"),
             ("threads", self.threads >= 1, "a positive int"),
@@ -135,10 +160,7 @@ class FinetuneConfig:
              "a fraction in (0, 1)"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
         ]
-        for name, ok, what in checks:
-            if not ok:
-                raise ValueError(f"{flag_name(name)} must be {what}, "
-                                 f"got {getattr(self, name)!r}")
+        check_ranges(self, checks, FILE_ONLY)
         if kind == "hf" and self.rank < 1:
             raise ValueError(f"--rank must be a positive int for {KIND_NAMES[kind]} models, "
                              f"got {self.rank}")
@@ -146,8 +168,8 @@ class FinetuneConfig:
             raise ValueError("give --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be a positive int, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if self.epochs is not None and not (self.epochs > 0 and _finite(self.epochs)):
+            raise ValueError(f"--epochs must be a positive finite number, got {self.epochs}")
         if self.val_data and self.val_fraction:
             raise ValueError("give --val-data or --val-fraction, not both")
         self._check_replay()
@@ -220,6 +242,24 @@ class PretrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 200
     seed: int = 0
+
+    def validate(self) -> PretrainConfig:
+        """Raise a one-line ValueError naming the first bad setting (the same checks as the
+        flags, for a --config file and code too); returns self."""
+        typed_values(PretrainConfig, self.to_dict(), "pretrain config")
+        check_ranges(self, [
+            ("steps", self.steps >= 1, "a positive int"),
+            ("batch_size", self.batch_size >= 1, "a positive int"),
+            ("lr", self.lr > 0 and _finite(self.lr), "a positive finite number"),
+            ("warmup_steps", self.warmup_steps >= 0, "a non-negative int"),
+            ("weight_decay", self.weight_decay >= 0 and _finite(self.weight_decay),
+             "a non-negative finite number"),
+            ("grad_clip", self.grad_clip >= 0 and _finite(self.grad_clip),
+             "a non-negative finite number (0 = no clipping)"),
+            ("eval_every", self.eval_every >= 1, "a positive int"),
+            ("seed", self.seed >= 0, "a non-negative int"),
+        ], file_only=[f.name for f in fields(PretrainConfig) if f.name not in PRETRAIN_FLAGS])
+        return self
 
     def to_dict(self) -> dict:
         """Plain dict, for config.json."""

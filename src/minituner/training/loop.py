@@ -242,6 +242,7 @@ def pretrain(
     ``writer``, and ``resume`` (a loaded checkpoint) continues a killed run. The model keeps
     the last step's weights (not the best step's): that is the base.
     """
+    cfg.validate()
     seed_everything(cfg.seed)
     batches = SequenceBatches(train_sequences, cfg.batch_size, cfg.seed, pad_id)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
