@@ -106,3 +106,11 @@ def test_pretrain_values_are_checked_before_anything_is_written(tmp_path, capsys
     code = main(["pretrain", "--config", str(config), "--out", str(out), *args])
     assert field in one_line_error(capsys, code)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pt.yaml"]
+
+
+def test_pretrain_batch_larger_than_the_corpus_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "base"
+    code = main(["pretrain", "--batch-size", "9047", "--steps", "2", "--out", str(out)])
+    err = one_line_error(capsys, code)
+    assert "--batch-size 9047 is larger than the corpus's 9046 training lines" in err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no staged corpus left behind

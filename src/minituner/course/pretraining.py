@@ -55,6 +55,14 @@ def corpus_hashes(corpus_dir: str | Path) -> dict:
     }
 
 
+def check_batch_size(corpus_dir: str | Path, batch_size: int) -> None:
+    """Refuse a batch larger than the corpus's training lines (one batch could never fill)."""
+    lines = len(corpus.pretraining_texts(read_jsonl(Path(corpus_dir) / "train.jsonl")))
+    if batch_size > lines:
+        raise ValueError(f"--batch-size {batch_size} is larger than the corpus's {lines} "
+                         "training lines (English and Spanish): lower --batch-size")
+
+
 def pretrain_run_config(model_cfg: MiniGPTConfig, train_cfg: PretrainConfig, data: dict) -> dict:
     """The config.json of a pretraining run; identical configs and data mean the same run."""
     return {
@@ -89,6 +97,7 @@ def run_pretraining(
     staging = out.parent / f".{out.name}.corpus.tmp"
     try:
         build_corpus(staging, seed=train_cfg.seed, context_len=model_cfg.context_len)
+        check_batch_size(staging, train_cfg.batch_size)
         config = pretrain_run_config(model_cfg, train_cfg, corpus_hashes(staging))
         same_run = _holds_run(out, config)
         if reuse and same_run and _is_finished(out):
