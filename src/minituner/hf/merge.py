@@ -37,6 +37,7 @@ from minituner.lora import (
     source_fan_in_fan_out,
 )
 from minituner.lora.adapters import CONFIG_NAME, load_adapter
+from minituner.lora.merge import check_finite
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.qlora import MERGE_TARGETS, QuantizedLinear, parse_quant_scheme
 from minituner.util.files import atomic_write_json, read_json
@@ -143,6 +144,7 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
     n_layers = len(lora_layers(model))
     merged = _merge(model, target, record)
     in_memory = _drift(before, _logits(merged, tokens))
+    check_finite(merged.state_dict().items(), f"merge of {adapter_dir}")
     tokenizer = load_hf_tokenizer(path)
     save_hf_model(merged, out, tokenizer=tokenizer, overwrite=overwrite)
     reloaded = _drift(before, _logits(_reload(out, target, device), tokens))

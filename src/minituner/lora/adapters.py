@@ -40,6 +40,7 @@ from minituner.lora.layer import (
     lora_layers,
     source_fan_in_fan_out,
 )
+from minituner.lora.merge import check_finite
 from minituner.lora.targets import check_patterns, is_linear_like, pattern_value, suffix_matches
 from minituner.util.files import (
     atomic_save_safetensors,
@@ -339,14 +340,17 @@ def _check_fingerprint(model: nn.Module, settings: dict, path: Path, strict: boo
 def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
     """Load an adapter directory into ``model`` (wrapping a plain model first); returns it.
 
-    Every key, shape and the base fingerprint are checked before the model is touched.
+    Every key, shape, value (NaN/inf is refused naming the tensor) and the base fingerprint are
+    checked before the model is touched.
     ``strict=False`` turns only a fingerprint mismatch into a warning. Loading into an already
     wrapped model also takes the file's alpha and use_rslora.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     settings = _parse_config(read_json(config_path, "adapter config"), config_path)
-    pairs = _parse_tensors(load_safetensors(weights_path), weights_path)
+    tensors = load_safetensors(weights_path)
+    check_finite(sorted(tensors.items()), str(weights_path))
+    pairs = _parse_tensors(tensors, weights_path)
     if not pairs:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
     _check_layout(model, sorted(pairs), settings, config_path)

@@ -7,6 +7,7 @@ in place (target "float"), any other base as it declares (an NF4 base's ``merge_
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,26 @@ class MergeReport:
     target: str
     max_abs_diff: float | None = None
     mean_abs_diff: float | None = None
+
+
+def check_finite(named: Iterable, source: str) -> None:
+    """Raise a one-line ValueError naming the first (name, tensor) of ``named`` that holds NaN
+    or inf: such a tensor would silently turn every output it touches into NaN."""
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{source}: tensor {name} holds {bad} non-finite value(s) "
+                             "(NaN or inf); refusing it")
+
+
+def _adapter_tensors(named_layers: list) -> list:
+    return [(f"{name}.{part}", getattr(layer, part).detach()) for name, layer in named_layers
+            for part in ("lora_A", "lora_B")]
+
+
+def _base_tensors(named_layers: list) -> list:
+    return [(f"{name}.base.{key}", tensor) for name, layer in named_layers
+            for key, tensor in layer.base.state_dict().items()]
 
 
 @torch.no_grad()
@@ -85,17 +106,22 @@ def merge_lora(model: nn.Module, probe=None, target: str | None = None) -> Merge
     """Fold scaling * B @ A into every base in place; report drift on ``probe`` if given.
 
     Float bases accept target None or "float"; a base implementing FrozenBase itself names its
-    own targets (NF4: "dequantized", the default, or "requantized"). Merging twice is refused.
+    own targets (NF4: "dequantized", the default, or "requantized"). Merging twice is refused,
+    and so is an adapter holding NaN/inf; a merged weight that is not finite (an overflow) is an
+    error naming the tensor, after which the model must not be written.
     """
-    layers = [m for _, m in lora_layers(model)]
+    named = lora_layers(model)
+    layers = [m for _, m in named]
     if not layers:
         raise ValueError("model has no LoRA layers to merge")
     if any(m.merged for m in layers):
         raise ValueError("model is already merged; call unmerge_lora before merging again")
     target = _merge_target(_frozen_bases(layers), target)
+    check_finite(_adapter_tensors(named), "merge")
     before = run_probe(model, probe)
     for layer in layers:
         layer.merge(target)
+    check_finite(_base_tensors(lora_layers(model)), "merged weights")
     max_diff, mean_diff = output_drift(before, run_probe(model, probe))
     return MergeReport(
         n_layers=len(layers), target=target, max_abs_diff=max_diff, mean_abs_diff=mean_diff

@@ -62,7 +62,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint, with a one-line error for a damaged file."""
+    """Read a checkpoint, with a one-line error for a damaged file or a non-finite tensor."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -70,7 +70,27 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or "step" not in state or "trainable" not in state:
         raise ValueError(f"{path}: not a minituner training checkpoint")
+    _check_finite(path, state)
     return state
+
+
+def _named_tensors(state: dict) -> list:
+    """(name, tensor) of the weights a checkpoint restores: trainable, best-step and optimizer."""
+    named = [(f"trainable {k}", v) for k, v in state["trainable"].items()]
+    best = (state.get("best") or {}).get("state") or {}
+    named += [(f"best {k}", v) for k, v in best.items()]
+    for index, slots in (state.get("optimizer") or {}).get("state", {}).items():
+        named += [(f"optimizer state {index}.{k}", v) for k, v in slots.items()]
+    return named
+
+
+def _check_finite(path: Path, state: dict) -> None:
+    """Refuse a checkpoint holding NaN/inf: resuming from it would train on garbage."""
+    for name, tensor in _named_tensors(state):
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and \
+                not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: {name} holds non-finite values (NaN or inf); "
+                             "the checkpoint cannot be resumed from")
 
 
 class RunWriter:

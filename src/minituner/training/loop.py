@@ -193,6 +193,8 @@ def fit(
         log.append(record)
         if on_step is not None:
             on_step(record)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _check_finite_weights(named, step, writer)
         if writer is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             writer.save_checkpoint({
                 "step": step, "trainable": _snapshot(named),
@@ -214,6 +216,15 @@ def _check_finite(what: str, value: float, step: int, writer) -> None:
         f"training stopped: {what} is {value} at step {step}; {kept} "
         "(lower --lr or check the data)"
     )
+
+
+@torch.no_grad()
+def _check_finite_weights(named: list, step: int, writer) -> None:
+    """Before a checkpoint and at the end: an update that overflowed the weights stops the run
+    (a finite loss only vouches for the weights it was computed with)."""
+    for name, param in named:
+        if not bool(torch.isfinite(param).all()):
+            _check_finite(f"trainable tensor {name}", math.nan, step, writer)
 
 
 # ----------------------------------------------------------------------------- pretraining
