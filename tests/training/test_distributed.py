@@ -75,3 +75,25 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, toy_hf_model):
     resumed = json.loads((tmp_path / "two" / "results.json").read_text())
     assert resumed["resumed_from_step"] == 2 and resumed["world_size"] == 1
     assert max_diff(adapter(tmp_path / "one"), adapter(tmp_path / "two")) < 1e-5
+
+
+def test_dropout_seed_is_a_function_of_the_step_and_differs_between_processes():
+    from minituner.hf.finetune import dropout_seed
+
+    seeds = {dropout_seed(0, step, rank) for step in range(50) for rank in range(4)}
+    assert len(seeds) == 200 and dropout_seed(3, 7, 1) == dropout_seed(3, 7, 1)
+    assert dropout_seed(0, 7, 1) != dropout_seed(1, 7, 1)
+
+
+@pytest.mark.slow
+def test_two_processes_with_dropout_resume_to_the_same_bytes(tmp_path, toy_hf_model):
+    # the processes see rows of different lengths, so their RNGs would drift apart: resuming
+    # both from rank 0's saved RNG state would change rank 1's dropout masks
+    model_dir = toy_hf_model("gpt2")
+    data = write_data(tmp_path / "data.jsonl", n=24, seed=5)
+    command = finetune_command(model_dir, data, tmp_path / "two", "--dropout", "0.3")
+    torchrun(command, processes=2)
+    whole = (tmp_path / "two" / "adapter" / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "two" / "checkpoints" / "step-000004.pt").unlink()  # died after step 2
+    torchrun([*command, "--resume"], processes=2)
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").read_bytes() == whole

@@ -41,9 +41,9 @@ from minituner.training.config import FinetuneConfig
 from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
 
-__all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "enable_grad_checkpointing",
-           "make_hf_loss_fn", "make_hf_validator", "padding_mask", "run_hf_finetune",
-           "runtime_settings"]
+__all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "dropout_seed",
+           "enable_grad_checkpointing", "make_hf_loss_fn", "make_hf_validator", "padding_mask",
+           "run_hf_finetune", "runtime_settings", "seed_dropout"]
 
 
 class NoGradientError(ValueError):
@@ -96,6 +96,24 @@ def make_hf_loss_fn(forward_model: nn.Module, device: torch.device):
         return masked_token_nll(out.logits, targets, mask)
 
     return loss_fn
+
+
+def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
+    """The RNG seed of micro-batch ``micro_step`` on process ``rank``: a function of the run's
+    seed and the step alone, so the dropout masks of a step are the same in a fresh, a repeated
+    and a resumed run, and differ between processes."""
+    return ((seed * 1_000_003 + micro_step) * 65_537 + rank) % (2**63)
+
+
+def seed_dropout(loss_fn, seed: int, rank: int):
+    """``loss_fn`` that first seeds torch's RNGs (every device) with :func:`dropout_seed` of
+    the batch's ``micro_step``."""
+
+    def seeded(model, batch: dict) -> tuple:
+        torch.manual_seed(dropout_seed(seed, batch["micro_step"], rank))
+        return loss_fn(model, batch)
+
+    return seeded
 
 
 def hf_logits(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -167,9 +185,13 @@ class HFBackend:
         return add_lora(self.model, cfg)
 
     def loss_fn(self, cfg: FinetuneConfig, model: nn.Module):
-        """Masked NLL through the DDP wrapper when distributed."""
+        """Masked NLL through the DDP wrapper when distributed; with dropout, each micro-batch
+        seeds the RNG from (seed, micro-step, process) first (:func:`seed_dropout`)."""
         forward_model = D.wrap_ddp(model, self.runtime["dist"], self.runtime["device"])
-        return make_hf_loss_fn(forward_model, self.runtime["device"])
+        loss_fn = make_hf_loss_fn(forward_model, self.runtime["device"])
+        if cfg.dropout == 0:
+            return loss_fn
+        return seed_dropout(loss_fn, cfg.seed, self.runtime["dist"].rank)
 
     def validator(self, cfg: FinetuneConfig, prepared: pipeline.Prepared):
         """Validation NLL summed over processes, or None without validation data."""

@@ -71,7 +71,11 @@ class EpochSampler:
 
 
 class MixedBatches:
-    """Batch ``k`` = SFT rows from one sampler plus replay rows (KL-flagged) from another."""
+    """Batch ``k`` = SFT rows from one sampler plus replay rows (KL-flagged) from another.
+
+    Each batch also carries ``micro_step`` (``k``), so a loss can seed what it draws (dropout)
+    from the step alone, not from whatever the RNG drew before.
+    """
 
     def __init__(self, sft: list, replay: list, sft_rows: int, replay_rows: int, seed: int,
                  pad_id: int, rank: int = 0, world_size: int = 1):
@@ -94,7 +98,7 @@ class MixedBatches:
             extra = [self.replay[i] for i in self.replay_sampler.indices(micro_step)]
             rows += extra
             flags += [True] * len(extra)
-        return collate(rows, self.pad_id, flags)
+        return {**collate(rows, self.pad_id, flags), "micro_step": micro_step}
 
 
 class StreamEpochSampler(EpochSampler):
