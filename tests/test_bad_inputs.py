@@ -79,6 +79,30 @@ def hf_finetune(w, out, *flags) -> list:
             *flags]
 
 
+def bad_utf8(w, t):
+    data = lines_file(t / "bad.jsonl", [example(), example(), b'{"prompt": "\xff\xfe"}'])
+    return finetune(w, t / "out", "--train-data", str(data)), [f"{data}:3", "UTF-8"]
+
+
+def bad_utf8_hf(w, t):
+    data = lines_file(t / "bad.jsonl", [example(), b"\xc3\x28"])
+    return (["finetune", "--model", f"hf:{w['toy']}", "--data", str(data), "--out",
+             str(t / "out")], [f"{data}:2", "UTF-8"])
+
+
+def long_example_at_line_31(w, t):
+    lines = [example(f"he {i % 7}") for i in range(24)] + [b""] * 6 + [example("he", LONG)]
+    data = lines_file(t / "train.jsonl", lines)
+    val = lines_file(t / "val.jsonl", [example("she")])
+    return (finetune(w, t / "out", "--train-data", str(data), "--val-data", str(val)),
+            [f"{data}:31", "tokens"])
+
+
+def missing_field_after_blank_lines(w, t):
+    data = lines_file(t / "train.jsonl", [example(), b"", b"", b'{"prompt": "he"}'])
+    return finetune(w, t / "out", "--train-data", str(data)), [f"{data}:4", "completion"]
+
+
 def config_file(w, t, text: str, name: str = "run.yaml", *flags):
     path = t / name
     path.write_text(text)
@@ -182,6 +206,12 @@ CASES = [
     ("checkpoint-torch-write-failed", checkpoint_torch_write_failed),
     ("merge-safetensors-enospc", safetensors_disk_full_merge),
     ("hf-adapter-safetensors-enospc", safetensors_disk_full_hf_adapter),
+    # 14: errors that must name the file, line or field
+    ("train-data-invalid-utf8", bad_utf8),
+    ("hf-data-invalid-utf8", bad_utf8_hf),
+    ("long-example-names-file-line", long_example_at_line_31),
+    ("missing-field-names-file-line", missing_field_after_blank_lines),
+    ("run-config-without-base", run_without_base),
     ("hf-full-method", lambda w, t: (hf_finetune(w, t / "o", "--method", "full"), ["--method"])),
     ("hf-without-data", lambda w, t: (["finetune", "--model", f"hf:{w['toy']}", "--out",
                                        str(t / "o")], ["--data"])),
