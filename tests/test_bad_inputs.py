@@ -212,7 +212,21 @@ CASES = [
     ("long-example-names-file-line", long_example_at_line_31),
     ("missing-field-names-file-line", missing_field_after_blank_lines),
     ("run-config-without-base", run_without_base),
+    # 17: flags that would do nothing
+    *[(f"full-{flag}", lambda w, t, flag=flag, value=value: (
+        finetune(w, t / "o", "--method", "full", f"--{flag}", *value),
+        [f"--{flag}", "--method full"]))
+      for flag, value in [("rank", ["8"]), ("alpha", ["16"]), ("dropout", ["0.1"]),
+                          ("targets", ["wq"]), ("quant-scheme", ["nf4_per_group_64"])]],
+    ("full-rank-in-config", lambda w, t: (config_file(w, t, "method: full\nrank: 4\n"),
+                                          ["--rank", "--method full"])),
+    ("lora-quant-scheme", lambda w, t: (finetune(w, t / "o", "--quant-scheme",
+                                                 "nf4_per_group_64"),
+                                        ["--quant-scheme", "--method lora"])),
     ("hf-full-method", lambda w, t: (hf_finetune(w, t / "o", "--method", "full"), ["--method"])),
+    ("val-data-without-train-data", lambda w, t: (finetune(w, t / "o", "--val-data",
+                                                           str(w["data"])),
+                                                  ["--val-data", "--train-data"])),
     ("hf-without-data", lambda w, t: (["finetune", "--model", f"hf:{w['toy']}", "--out",
                                        str(t / "o")], ["--data"])),
     ("hf-replay", lambda w, t: (hf_finetune(w, t / "o", "--replay", "0.3"), ["--replay"])),
@@ -277,6 +291,17 @@ def test_bad_input_is_one_line_and_touches_nothing_outside_out(build, world, tmp
         assert name in lines[0], lines[0]
     assert len(lines[0]) < 1000 and LONG[:50] not in lines[0]  # never echo 10 KB of data
     assert snapshot(tmp_path, world["root"], world["base"], world["toy"], skip=out) == before
+
+
+def test_data_is_an_alias_of_train_data_for_minigpt(world, tmp_path, capsys):
+    from minituner.cli import build_parser
+    from minituner.cli.trainflags import config_from_args
+
+    parser = build_parser()
+    common = ["finetune", "--base", str(world["base"]), "--out", str(tmp_path / "o")]
+    by_data = config_from_args(parser.parse_args([*common, "--data", str(world["data"])]))
+    by_train = config_from_args(parser.parse_args([*common, "--train-data", str(world["data"])]))
+    assert by_data == by_train and by_data.train_data == str(world["data"])
 
 
 def test_a_rank_up_to_the_width_is_accepted(world):

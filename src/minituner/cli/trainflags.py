@@ -169,7 +169,7 @@ def flag_values(args) -> dict:
 def config_from_args(args, **overrides) -> FinetuneConfig:
     """FinetuneConfig from the model kind's defaults < --config file < explicit flags <
     ``overrides``, validated (a setting the kind cannot use is refused by name)."""
-    from minituner.training.config import FinetuneConfig, model_kind
+    from minituner.training.config import FinetuneConfig, check_given_settings, model_kind
     from minituner.util.config import merge_settings
 
     from_file = config_file_values(getattr(args, "config", None))
@@ -187,6 +187,7 @@ def config_from_args(args, **overrides) -> FinetuneConfig:
     values.update(overrides)
     check_finite(values)
     cfg = FinetuneConfig.from_dict(values).validate()
+    check_given_settings({**from_file, **flags}, cfg.method)
     check_rank_fits(cfg)
     return cfg
 
