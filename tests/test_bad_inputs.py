@@ -311,3 +311,29 @@ def test_a_rank_up_to_the_width_is_accepted(world):
     args = build_parser().parse_args(["finetune", "--base", str(world["base"]), "--out", "o",
                                       "--rank", "64"])
     assert config_from_args(args).rank == 64
+
+
+def test_hf_commands_drop_only_the_torchao_and_pytree_lines(world, caplog):
+    import logging
+
+    assert main(["generate", "--model", str(world["hf"]), "--max-new-tokens", "2"]) == 0
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: Could not load")
+        logging.getLogger("torch.utils._pytree").warning(
+            "%s is an Enum subclass and is now natively supported by torch.compile", "E")
+        logging.getLogger("torchao").warning("a real torchao warning")
+    assert "Failed to load" not in caplog.text and "Enum subclass" not in caplog.text
+    assert "a real torchao warning" in caplog.text
+
+
+def test_hf_command_in_a_fresh_process_prints_only_minituners_lines(world):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-m", "minituner", "generate", "--model",
+                             str(world["hf"]), "--max-new-tokens", "2"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
