@@ -12,8 +12,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 from minituner.cli import main
+from minituner.course.data import load_user_examples
+from minituner.hf.data import read_examples
+from minituner.lora import apply_lora
+from minituner.lora.adapters import load_adapter, save_adapter
+from minituner.training.config import FinetuneConfig
 
 LONG = "x" * 10_000  # a completion the 32-token Mini-GPT context cannot hold
 
@@ -337,3 +346,88 @@ def test_hf_command_in_a_fresh_process_prints_only_minituners_lines(world):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
+
+
+# Property tests: random inputs to the loaders load or raise one ValueError.
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+RECORDS = st.one_of(
+    JSON_VALUES,
+    st.fixed_dictionaries({"prompt": JSON_VALUES | st.text(max_size=20),
+                           "completion": JSON_VALUES | st.text(max_size=20)}),
+    st.fixed_dictionaries({"text": JSON_VALUES | st.text(max_size=20)}),
+)
+LINES = st.lists(
+    st.one_of(RECORDS.map(lambda r: json.dumps(r).encode()), st.binary(max_size=12),
+              st.just(b"")),
+    max_size=6,
+)
+FUZZ = settings(max_examples=60, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def one_line_value_error(call) -> None:
+    """``call()`` returns, or raises a ValueError whose message is one line."""
+    try:
+        call()
+    except ValueError as exc:
+        assert len(str(exc).strip().splitlines()) == 1, str(exc)
+
+
+@FUZZ
+@given(lines=LINES)
+def test_jsonl_loaders_load_or_raise_one_value_error(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    one_line_value_error(lambda: load_user_examples(path))
+    one_line_value_error(lambda: read_examples(path))
+
+
+CONFIG_VALUES = st.dictionaries(
+    st.sampled_from(["model", "train_data", "val_data", "val_fraction", "method", "rank", "alpha",
+                     "steps", "epochs", "batch_size", "lr", "warmup", "replay", "kl", "dropout",
+                     "targets", "seed", "dtype", "max_len", "quant_scheme", "nonsense"]),
+    JSON_VALUES | st.sampled_from(["lora", "qlora", "full", "hf:x", "auto"]),
+    max_size=5,
+)
+
+
+@FUZZ
+@given(values=CONFIG_VALUES)
+def test_config_values_load_or_raise_one_value_error(values):
+    one_line_value_error(lambda: FinetuneConfig.from_dict(values).validate())
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    """A saved adapter of a one-Linear model, and a factory of that plain model."""
+    def plain():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4))
+
+    directory = tmp_path_factory.mktemp("adapter")
+    save_adapter(apply_lora(plain(), ["0"], r=2), directory)
+    return directory, plain
+
+
+ADAPTER_KEYS = ["r", "lora_alpha", "lora_dropout", "peft_type", "target_modules", "use_rslora",
+                "fan_in_fan_out", "bias", "rank_pattern", "alpha_pattern", "init_lora_weights",
+                "minituner", "use_dora"]
+
+
+@FUZZ
+@given(change=st.dictionaries(st.sampled_from(ADAPTER_KEYS), JSON_VALUES, max_size=3),
+       whole=st.none() | JSON_VALUES)
+def test_adapter_configs_load_or_raise_one_value_error(tiny_adapter, tmp_path, change, whole):
+    directory, plain = tiny_adapter
+    target = tmp_path / "adapter"
+    shutil.copytree(directory, target, dirs_exist_ok=True)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config = whole if whole is not None else {**config, **change}
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    one_line_value_error(lambda: load_adapter(plain(), target))
