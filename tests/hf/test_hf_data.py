@@ -60,7 +60,7 @@ def test_invalid_lines_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"d\.jsonl:1: expected a JSON object"):
         read_examples(path)
     path.write_bytes('{"text": "café"}\n'.encode("latin-1"))
-    with pytest.raises(ValueError, match=r"d\.jsonl: data file is not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: data file is not UTF-8 text"):
         read_examples(path)
 
 

@@ -38,5 +38,8 @@ def test_errors_are_one_line_naming_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing.jsonl: probe file not found$"):
         read_jsonl(tmp_path / "missing.jsonl", what="probe file")
     path.write_bytes(b'{"a": "\xff"}\n')
-    with pytest.raises(ValueError, match="x.jsonl: JSONL file is not UTF-8 text"):
+    with pytest.raises(ValueError, match="x.jsonl:1: JSONL file is not UTF-8 text"):
+        read_jsonl(path)
+    path.write_bytes(b'{"a": 1}\n\n{"a": "\xff"}\n')
+    with pytest.raises(ValueError, match="x.jsonl:3: JSONL file is not UTF-8 text"):
         read_jsonl(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMAND_MODULES = [
@@ -54,8 +55,38 @@ def _one_line_errors_everywhere(parser: argparse.ArgumentParser) -> None:
                 _one_line_errors_everywhere(subparser)
 
 
+# Log lines of other packages that a user of minituner cannot act on, printed when
+# transformers imports torchao: its compiled extensions failing to load in a CPU or mismatched
+# build, and torch's notice about torchao registering Enum pytree constants. (logger, message
+# start); every other record of these loggers still shows.
+FOREIGN_NOISE = (
+    ("torchao", "Failed to load "),
+    ("torch.utils._pytree", "%s is an Enum subclass and is now natively supported"),
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose unformatted message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_foreign_noise() -> None:
+    """Filter the :data:`FOREIGN_NOISE` records out of their loggers (once per process)."""
+    for name, prefix in FOREIGN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessages(prefix))
+
+
 def main(argv: list | None = None) -> int:
     """Entry point of the ``minituner`` console script."""
+    silence_foreign_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

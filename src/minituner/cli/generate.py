@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minituner.cli.common import nonneg_int, positive_int
+from minituner.cli.common import nonneg_float, nonneg_int, positive_int
 from minituner.cli.runfolders import add_hf_inference_flags, load_for_inference
 
 
@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                              "model; --adapter DIR applies an adapter")
     parser.add_argument("--prompt", default="yesterday he", help="text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=20)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--temperature", type=nonneg_float, default=0.0,
+                        help="sampling temperature >= 0; 0 means greedy")
     parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--num-samples", type=positive_int, default=1)
     parser.add_argument("--seed", type=nonneg_int, default=0)

@@ -4,7 +4,10 @@ bar callback, and one-line argparse errors."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minituner.cli.common import (
@@ -166,7 +169,7 @@ def flag_values(args) -> dict:
 def config_from_args(args, **overrides) -> FinetuneConfig:
     """FinetuneConfig from the model kind's defaults < --config file < explicit flags <
     ``overrides``, validated (a setting the kind cannot use is refused by name)."""
-    from minituner.training.config import FinetuneConfig, model_kind
+    from minituner.training.config import FinetuneConfig, check_given_settings, model_kind
     from minituner.util.config import merge_settings
 
     from_file = config_file_values(getattr(args, "config", None))
@@ -182,7 +185,55 @@ def config_from_args(args, **overrides) -> FinetuneConfig:
     values = merge_settings(finetune_defaults(kind), from_file, flags,
                             exclusive=[("steps", "epochs")])
     values.update(overrides)
-    return FinetuneConfig.from_dict(values).validate()
+    check_finite(values)
+    cfg = FinetuneConfig.from_dict(values).validate()
+    check_given_settings({**from_file, **flags}, cfg.method)
+    check_rank_fits(cfg)
+    return cfg
+
+
+def check_finite(values: dict) -> None:
+    """Refuse an inf or nan setting (a --config file can spell them: .inf, .nan) by its flag."""
+    from minituner.training.config import flag_name
+
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag_name(name)} must be a finite number, got {value}")
+
+
+HF_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def model_width(model: str | None) -> int | None:
+    """The hidden width of a Mini-GPT base run or an hf:DIR model, read from its config.json
+    (None when there is none to read: the loader reports that later)."""
+    from minituner.training.config import HF_PREFIX
+
+    model = model or DEFAULT_BASE
+    hf = model.startswith(HF_PREFIX)
+    path = Path(model[len(HF_PREFIX):] if hf else model) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    section = config if hf else config.get("model") if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        return None
+    for key in HF_WIDTH_KEYS if hf else ("d_model",):
+        if isinstance(section.get(key), int) and section[key] > 0:
+            return section[key]
+    return None
+
+
+def check_rank_fits(cfg: FinetuneConfig) -> None:
+    """Refuse a LoRA rank above the model's width before any memory is allocated: B @ A has
+    rank at most the width, so a larger r only costs memory (r = 10**9 asks for terabytes)."""
+    if cfg.method == "full":
+        return
+    width = model_width(cfg.model)
+    if width is not None and cfg.rank > width:
+        raise ValueError(f"--rank {cfg.rank} is larger than the model's width {width} "
+                         f"(a LoRA update has rank at most {width})")
 
 
 class Progress:

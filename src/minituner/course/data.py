@@ -24,7 +24,7 @@ from pathlib import Path
 
 from minituner.course import corpus
 from minituner.course import verbs as V
-from minituner.util.jsonl import read_jsonl
+from minituner.util.jsonl import read_numbered_jsonl
 
 BLANK = "___"
 BLANK_TENSES = ("past", "participle")
@@ -102,11 +102,16 @@ def completion_sequence(tokenizer, prompt: str, completion: str) -> dict:
     ids, first, _ = completion_span(tokenizer, prompt, completion)
     if len(ids) > tokenizer.context_len:
         raise ValueError(
-            f"example {prompt!r} -> {completion!r} is {len(ids)} tokens with <bos>/<eos>; "
-            f"the context holds {tokenizer.context_len}"
+            f"example {_shown(prompt)} -> {_shown(completion)} is {len(ids)} tokens with "
+            f"<bos>/<eos>; the context holds {tokenizer.context_len}"
         )
     mask = [i + 1 >= first for i in range(len(ids) - 1)]  # target i predicts ids[i + 1]
     return {"ids": ids, "mask": mask}
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters (never a 10 KB echo)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def text_sequence(tokenizer, text: str) -> dict:
@@ -195,17 +200,28 @@ def control_texts(records: list, source: str = "control set") -> list:
     return texts
 
 
+class UserExample(dict):
+    """A record of a user's file that remembers where it came from (``source``: "file:line"),
+    so a later error names the line the user can open; it serialises like a plain dict."""
+
+    source: str = ""
+
+
 def load_user_examples(path: str | Path) -> list:
-    """A user's {"prompt", "completion"} JSONL, checked line by line."""
-    records = read_jsonl(path, what="examples file")
-    if not records:
+    """A user's {"prompt", "completion"} JSONL, checked line by line (errors name file:line)."""
+    numbered = read_numbered_jsonl(path, what="examples file")
+    if not numbered:
         raise ValueError(f"{path}: no examples")
-    for number, record in enumerate(records, start=1):
+    records = []
+    for number, record in numbered:
         for key in ("prompt", "completion"):
             if not isinstance(record, dict) or not isinstance(record.get(key), str):
                 raise ValueError(f"{path}:{number}: missing string field '{key}'")
         if not record["completion"]:
             raise ValueError(f"{path}:{number}: 'completion' is empty")
+        example = UserExample(record)
+        example.source = f"{path}:{number}"
+        records.append(example)
     return records
 
 
@@ -233,5 +249,7 @@ def sequences_of(examples: list, tokenizer, where: str = "examples") -> list:
         try:
             out.append(completion_sequence(tokenizer, example["prompt"], example["completion"]))
         except ValueError as exc:
-            raise ValueError(f"{where} example {number}: {exc}") from None
+            source = getattr(example, "source", "")
+            raise ValueError(f"{source}: {exc}" if source else f"{where} example {number}: {exc}"
+                             ) from None
     return out

@@ -24,8 +24,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 def _adapter_settings(adapter_dir: Path) -> dict:
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{adapter_dir}: not an adapter folder (no {ADAPTER_CONFIG})")
-    config = read_json(adapter_dir / ADAPTER_CONFIG, "adapter config")
+    config_path = adapter_dir / ADAPTER_CONFIG
+    config = read_json(config_path, "adapter config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: adapter config must be a JSON object, "
+                         f"got {type(config).__name__}")
     section = config.get("minituner") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{config_path}: field 'minituner' must be an object, "
+                         f"got {type(section).__name__}")
     run_config = adapter_dir.parent / "config.json"
     scheme = DEFAULT_QUANT_SCHEME
     if run_config.is_file():
@@ -60,12 +67,25 @@ def attach_adapter(model, adapter_dir) -> tuple:
     return load_adapter(quantized, adapter_dir), "qlora"
 
 
+def recorded_base(config: dict, run: Path) -> str:
+    """The base path a fine-tuning run's config.json records, or a one-line error naming the
+    field when it is missing or malformed."""
+    base = config.get("base")
+    where = run / "config.json"
+    if base is None:
+        raise ValueError(f"{where}: field 'base' missing (the run does not say its base)")
+    if not isinstance(base, dict) or not isinstance(base.get("path"), str):
+        raise ValueError(f"{where}: field 'base' must be an object with a string 'path', "
+                         f"got {base!r:.60}")
+    return base["path"]
+
+
 def load_run(run_dir, adapter=None) -> tuple:
     """(model, tokenizer, description) for a model run, a full-FT run or a LoRA/QLoRA run."""
     run = Path(run_dir)
     config = load_run_config(run)
     if config.get("kind") == "finetune" and config.get("method") in ("lora", "qlora"):
-        base = Path(config["base"]["path"])
+        base = Path(recorded_base(config, run))
         model, tokenizer, _ = load_base(base)
         adapter = adapter or run / "adapter"
         description = {"base": str(base)}

@@ -17,8 +17,9 @@ from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.util.config import from_dict, typed_values
 
 __all__ = ["DEFAULT_STEPS", "HF_PREFIX", "KINDS", "KIND_DEFAULTS", "KIND_METHODS",
-           "KIND_REFUSES", "METHODS", "RUNTIME_FIELDS", "FinetuneConfig", "PretrainConfig",
-           "check_ranges", "flag_name", "kind_defaults", "model_kind"]
+           "KIND_REFUSES", "METHODS", "METHOD_REFUSES", "RUNTIME_FIELDS", "SETTING_NEEDS",
+           "FinetuneConfig", "PretrainConfig", "check_given_settings", "check_ranges",
+           "flag_name", "kind_defaults", "model_kind"]
 
 METHODS = ("lora", "qlora", "full")
 HF_PREFIX = "hf:"
@@ -46,8 +47,35 @@ KIND_REFUSES = {
            "replay_nll": "it weighs replay rows, which need a Mini-GPT base's corpus"},
 }
 
+# Settings a method cannot use: refused when given at all (a flag or a --config key), and why.
+METHOD_REFUSES = {
+    "full": {name: "full fine-tuning trains every weight and has no adapter" for name in (
+        "rank", "alpha", "dropout", "targets", "use_rslora")}
+    | {"quant_scheme": "only --method qlora quantizes the base"},
+    "lora": {"quant_scheme": "only --method qlora quantizes the base"},
+    "qlora": {},
+}
+
+# Settings that do nothing without another one, and why (refused when given without it).
+SETTING_NEEDS = {
+    "val_data": ("train_data", "the built-in set has its own validation split"),
+    "val_fraction": ("train_data", "it splits --train-data/--data"),
+}
+
 # Settings recorded in config.json that a --resume may change (they do not decide results).
 RUNTIME_FIELDS = ("threads",)
+
+
+def check_given_settings(given: dict, method: str) -> None:
+    """Refuse settings given explicitly (flags or a --config file) that ``method`` cannot use
+    or that need a setting left out, naming the flag: a setting that does nothing is an error,
+    never silently ignored."""
+    for name, why in METHOD_REFUSES.get(method, {}).items():
+        if given.get(name) is not None:
+            raise ValueError(f"{flag_name(name)} cannot be used with --method {method} ({why})")
+    for name, (needed, why) in SETTING_NEEDS.items():
+        if given.get(name) is not None and given.get(needed) is None:
+            raise ValueError(f"{flag_name(name)} needs {flag_name(needed)} ({why})")
 
 
 def model_kind(model: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,10 +28,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; use the usual mode
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: torch's and safetensors' writers
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _write_error(path: Path, exc: Exception) -> OSError:
+    """A failed write as one OSError naming the file ("disk full" rather than a bare errno)."""
+    errno_ = getattr(exc, "errno", None)
+    if errno_ == errno.ENOSPC:
+        reason = "no space left on device"
+    else:
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [""])[0]
+    error = OSError(f"{path}: cannot write ({reason or type(exc).__name__})")
+    error.errno = errno_
+    return error
 
 
 @contextmanager

@@ -31,10 +31,12 @@ def read_numbered_jsonl(path: str | Path, what: str = "JSONL file") -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} not found")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: {what} is not UTF-8 text ({exc.reason})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{line}: {what} is not UTF-8 text ({exc.reason})") from None
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
