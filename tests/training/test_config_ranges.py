@@ -11,6 +11,14 @@ from minituner.cli import main
 from minituner.training.config import FinetuneConfig, PretrainConfig
 
 
+def run_cli(args: list) -> int:
+    """The CLI's exit status, whether it returns one or exits (argparse usage errors)."""
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
 def one_line_error(capsys, code: int) -> str:
     assert code != 0
     err = capsys.readouterr().err
@@ -87,7 +95,7 @@ def test_finetune_config_file_values_are_checked_like_flags(tiny_base_run, tmp_p
 
 def test_finetune_lr_flag_inf_is_refused(tiny_base_run, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["finetune", "--base", str(tiny_base_run), "--lr", "inf", "--out", str(out)])
+    code = run_cli(["finetune", "--base", str(tiny_base_run), "--lr", "inf", "--out", str(out)])
     err = one_line_error(capsys, code)  # the flag parser refuses it before the config checks
     assert "--lr" in err and "finite number, got inf" in err
     assert not out.exists()
@@ -104,7 +112,7 @@ def test_pretrain_values_are_checked_before_anything_is_written(tmp_path, capsys
     config = tmp_path / "pt.yaml"
     config.write_text(text or "steps: 2\n")
     out = tmp_path / "base"
-    code = main(["pretrain", "--config", str(config), "--out", str(out), *args])
+    code = run_cli(["pretrain", "--config", str(config), "--out", str(out), *args])
     assert field in one_line_error(capsys, code)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pt.yaml"]
 
