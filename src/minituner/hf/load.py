@@ -67,6 +67,19 @@ def params_on_meta():
         nn.Module.register_parameter = original
 
 
+def inside_model_dir(directory: Path, name, where: Path) -> Path:
+    """``directory / name`` for a file name read from ``where`` (an index or config), refused
+    unless it is a relative path that stays inside the model folder (no ``..``, no symlink out)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: file name {name!r} is not a non-empty string")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{where}: file {name!r} is outside the model folder {directory}")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ValueError(f"{where}: file {name!r} resolves outside the model folder {directory}")
+    return path
+
+
 class TensorSource:
     """Every tensor of a model directory's safetensors file(s), read one at a time on demand."""
 
@@ -78,7 +91,10 @@ class TensorSource:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"{index}: not a safetensors index ({exc})") from None
-            self.file_of = {key: self.directory / name for key, name in weight_map.items()}
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: weight_map must be an object of tensor -> file")
+            self.file_of = {key: inside_model_dir(self.directory, name, index)
+                            for key, name in weight_map.items()}
         elif single.is_file():
             self.file_of = {key: single for key in self._keys(single)}
         else:

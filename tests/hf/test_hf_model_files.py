@@ -1,0 +1,70 @@
+"""Model folders are read only inside themselves: index file names that escape the folder are
+refused, and pickle weights (pytorch_model.bin) need an explicit opt-in."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from hf_helpers import write_data
+
+from minituner.cli import main
+from minituner.hf.load import TensorSource, load_quantized_hf_model
+
+pytest.importorskip("transformers")
+
+
+def sharded_copy(model_dir, dest, shard_name: str):
+    """A copy of the toy model whose weights sit behind a model.safetensors.index.json."""
+    shutil.copytree(model_dir, dest)
+    single = dest / "model.safetensors"
+    keys = TensorSource(single.parent).keys()
+    target = dest / "shard-1.safetensors"
+    single.rename(target)
+    index = {"metadata": {}, "weight_map": {key: shard_name for key in keys}}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dest
+
+
+def test_index_inside_the_folder_loads(tmp_path, toy_hf_model):
+    model_dir = sharded_copy(toy_hf_model("gpt2"), tmp_path / "m", "shard-1.safetensors")
+    assert load_quantized_hf_model(model_dir) is not None
+
+
+@pytest.mark.parametrize("name", ["../outside/x.safetensors", "sub/../../x.safetensors",
+                                  "/etc/passwd", "", 7])
+def test_index_file_names_outside_the_folder_are_refused(tmp_path, toy_hf_model, name):
+    model_dir = sharded_copy(toy_hf_model("gpt2"), tmp_path / "m", "shard-1.safetensors")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(model_dir / "shard-1.safetensors", outside / "x.safetensors")
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = name
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        TensorSource(model_dir)
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path, toy_hf_model):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    model_dir = sharded_copy(toy_hf_model("gpt2"), tmp_path / "m", "link.safetensors")
+    (model_dir / "shard-1.safetensors").rename(outside / "x.safetensors")
+    (model_dir / "link.safetensors").symlink_to(outside / "x.safetensors")
+    with pytest.raises(ValueError, match="resolves outside the model folder"):
+        TensorSource(model_dir)
+
+
+def test_qlora_run_on_an_escaping_index_exits_with_one_line(tmp_path, toy_hf_model, capsys):
+    model_dir = sharded_copy(toy_hf_model("gpt2"), tmp_path / "m", "../outside/x.safetensors")
+    (tmp_path / "outside").mkdir()
+    shutil.copy(model_dir / "shard-1.safetensors", tmp_path / "outside" / "x.safetensors")
+    data = write_data(tmp_path / "data.jsonl")
+    code = main(["finetune", "--model", f"hf:{model_dir}", "--method", "qlora", "--data",
+                 str(data), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4",
+                 "--rank", "2", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "Traceback" not in err[0]
+    assert "outside the model folder" in err[0]
