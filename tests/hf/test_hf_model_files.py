@@ -7,9 +7,11 @@ import json
 import shutil
 
 import pytest
+import torch
 from hf_helpers import write_data
 
 from minituner.cli import main
+from minituner.hf import load_hf_model
 from minituner.hf.load import TensorSource, load_quantized_hf_model
 
 pytest.importorskip("transformers")
@@ -68,3 +70,65 @@ def test_qlora_run_on_an_escaping_index_exits_with_one_line(tmp_path, toy_hf_mod
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "Traceback" not in err[0]
     assert "outside the model folder" in err[0]
+
+
+def pickle_copy(model_dir, dest):
+    """A copy of the toy model with its weights as pytorch_model.bin only."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(model_dir, dest)
+    torch.save(load_file(dest / "model.safetensors"), dest / "pytorch_model.bin")
+    (dest / "model.safetensors").unlink()
+    return dest
+
+
+def test_float_loader_reads_safetensors_only(tmp_path, toy_hf_model, monkeypatch):
+    import transformers
+
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_hf_model(toy_hf_model("gpt2"))
+    assert seen["use_safetensors"] is True
+
+
+def test_pickle_only_folder_is_refused_unless_allowed(tmp_path, toy_hf_model):
+    model_dir = pickle_copy(toy_hf_model("gpt2"), tmp_path / "m")
+    with pytest.raises(ValueError, match="pytorch_model.bin.*--allow-pickle"):
+        load_hf_model(f"hf:{model_dir}")
+    allowed = load_hf_model(f"hf:{model_dir}", allow_pickle=True)
+    reference = load_hf_model(f"hf:{toy_hf_model('gpt2')}")
+    expected = reference.state_dict()
+    assert allowed.state_dict().keys() == expected.keys()
+    for name, tensor in allowed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_folder_without_weights_names_the_files(tmp_path, toy_hf_model):
+    model_dir = tmp_path / "m"
+    shutil.copytree(toy_hf_model("gpt2"), model_dir)
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model weights"):
+        load_hf_model(model_dir)
+
+
+def test_cli_refuses_pickle_weights_and_allow_pickle_reads_them(tmp_path, toy_hf_model, capsys):
+    model_dir = pickle_copy(toy_hf_model("gpt2"), tmp_path / "m")
+    argv = ["generate", "--model", f"hf:{model_dir}", "--prompt", "the cat",
+            "--max-new-tokens", "3", "--device", "cpu"]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--allow-pickle" in err[0]
+    assert main([*argv, "--allow-pickle"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_allow_pickle_is_refused_for_a_minigpt_run(tiny_base_run, capsys):
+    code = main(["generate", "--model", str(tiny_base_run), "--allow-pickle"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--allow-pickle" in err[0]

@@ -22,7 +22,7 @@ MINIGPT, TRANSFORMERS = "Mini-GPT", "transformers"
 RUN_FORMAT = 1  # the newest run-folder format this minituner reads (absent = 1)
 RUN_KINDS = {"pretrain": MINIGPT, "finetune": MINIGPT, "merged": MINIGPT,
              "finetune-hf": TRANSFORMERS}
-TRANSFORMERS_ONLY_FLAGS = ("device",)  # flags a Mini-GPT model has no use for
+TRANSFORMERS_ONLY_FLAGS = ("device", "allow_pickle")  # flags a Mini-GPT model has no use for
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,11 @@ def load_for_inference(args) -> tuple:
     from minituner.hf.inference import inference_views, run_inference_views
     from minituner.hf.models import resolve_device
 
-    device = resolve_device(device_of(args))
+    device, allow_pickle = resolve_device(device_of(args)), bool(args.allow_pickle)
     if is_hf_spec(args.model):
-        model, tokenizer = inference_views(args.model, adapter, device)
+        model, tokenizer = inference_views(args.model, adapter, device, allow_pickle)
     else:
-        model, tokenizer = run_inference_views(args.model, adapter, device)
+        model, tokenizer = run_inference_views(args.model, adapter, device, allow_pickle)
     return model, tokenizer, kind
 
 
@@ -117,10 +117,12 @@ def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
 
 
 def add_hf_inference_flags(parser: argparse.ArgumentParser) -> None:
-    """--adapter, --device and --seed of ``eval`` / ``generate``."""
+    """--adapter, --device, --allow-pickle and --seed of ``eval`` / ``generate``."""
     _add(parser, "--adapter", metavar="DIR", help="adapter to apply (instead of a run's own)")
     _add(parser, "--device", default=None,
          help="transformers models: auto, cpu (default) or cuda[:N]")
+    _add(parser, "--allow-pickle", action="store_true", default=None,
+         help="transformers models: read pytorch_model.bin weights (unpickling can run code)")
     _add(parser, "--seed", type=nonneg_int, default=0)
 
 

@@ -291,8 +291,10 @@ def base_record(path: str | os.PathLike, method: str, compute_dtype: torch.dtype
     return record
 
 
-def load_base(record: dict, device: str | torch.device = "cpu", path=None) -> nn.Module:
-    """The base a :func:`base_record` describes (``path`` overrides the recorded directory)."""
+def load_base(record: dict, device: str | torch.device = "cpu", path=None,
+              allow_pickle: bool = False) -> nn.Module:
+    """The base a :func:`base_record` describes (``path`` overrides the recorded directory;
+    ``allow_pickle``: a float base may be read from pytorch_model.bin)."""
     directory = path if path is not None else record["path"]
     dtype = getattr(torch, str(record.get("compute_dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
@@ -301,4 +303,4 @@ def load_base(record: dict, device: str | torch.device = "cpu", path=None) -> nn
         blocksize, double_quant = parse_quant_scheme(record.get("quant_scheme",
                                                                 DEFAULT_QUANT_SCHEME))
         return load_quantized_hf_model(directory, dtype, blocksize, double_quant, device=device)
-    return load_hf_model(directory, dtype, device)
+    return load_hf_model(directory, dtype, device, allow_pickle=allow_pickle)
