@@ -14,6 +14,7 @@ from minituner.cli.runfolders import (
     add_hf_merge_flags,
     check_flags,
     is_hf_spec,
+    one_line_warnings,
     read_run_folder,
     run_hf_merge_command,
 )
@@ -92,7 +93,12 @@ def merge_minigpt(args) -> dict:
 
 
 def run(args) -> int:
-    """Merge, write, print the drift."""
+    """Merge, write, print the drift (adapter warnings as one stderr line each)."""
+    with one_line_warnings():
+        return _run(args)
+
+
+def _run(args) -> int:
     transformers = _transformers_merge(args)
     if transformers is not None:
         return run_hf_merge_command(args, *transformers)

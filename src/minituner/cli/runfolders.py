@@ -11,6 +11,9 @@ packages never import each other.
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +90,32 @@ def device_of(args) -> str:
     return getattr(args, "device", None) or "cpu"
 
 
+@contextmanager
+def one_line_warnings():
+    """Inside the block a UserWarning (e.g. an adapter whose base could not be checked) is
+    printed as one stderr line, not Python's two-line file:line form."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=UserWarning, module="minituner")
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, UserWarning):
+                return original(message, category, filename, lineno, file, line)
+            text = str(message).strip().splitlines()
+            print(f"minituner: warning: {text[0] if text else category.__name__}",
+                  file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
 def load_for_inference(args) -> tuple:
     """(model, tokenizer, model kind) of --model (and --adapter) for eval and generate."""
+    with one_line_warnings():
+        return _load_for_inference(args)
+
+
+def _load_for_inference(args) -> tuple:
     kind = model_kind(args.model)
     check_flags(args, kind)
     adapter = getattr(args, "adapter", None)

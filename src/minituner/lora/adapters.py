@@ -62,6 +62,8 @@ _UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "layer_replication",
                 "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
                 "use_qalora", "use_bdlora")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# Keys without a safe default: guessing r or lora_alpha silently changes the adapter's scale.
+REQUIRED_KEYS = ("peft_type", "r", "lora_alpha")
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -187,7 +189,10 @@ def _parse_config(config: dict, path: Path) -> dict:
     """Validated LoRA settings from an adapter_config.json (PEFT's or minituner's)."""
     if not isinstance(config, dict):
         raise ValueError(f"{path}: adapter config must be a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
+    for key in REQUIRED_KEYS:
+        if key not in config:
+            raise ValueError(f"{path}: required key {key!r} is missing")
+    if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
     for field in _UNSUPPORTED:
         if config.get(field):
@@ -197,8 +202,8 @@ def _parse_config(config: dict, path: Path) -> dict:
     section = config.get("minituner")
     try:
         settings = {
-            "r": check_rank(config.get("r", 8), "r"),
-            "alpha": check_alpha(config.get("lora_alpha", 8), "lora_alpha"),
+            "r": check_rank(config["r"], "r"),
+            "alpha": check_alpha(config["lora_alpha"], "lora_alpha"),
             "dropout": check_dropout(config.get("lora_dropout", 0.0), "lora_dropout"),
             "use_rslora": _check_bool(config.get("use_rslora", False), "use_rslora"),
             "fan_in_fan_out": _check_bool(config.get("fan_in_fan_out", False), "fan_in_fan_out"),
@@ -325,6 +330,8 @@ def _check_layout(model: nn.Module, modules: list, settings: dict, path: Path) -
 def _check_fingerprint(model: nn.Module, settings: dict, path: Path, strict: bool) -> None:
     saved = settings["fingerprint"]
     if saved is None:
+        warnings.warn(f"{path}: the adapter records no minituner.base_fingerprint (a PEFT "
+                      "adapter?), so its base could not be checked", UserWarning, stacklevel=3)
         return
     actual = base_fingerprint(model)
     if actual == saved:

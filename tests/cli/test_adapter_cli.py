@@ -1,0 +1,68 @@
+"""The CLI with adapters it cannot fully check or trust: one-line warnings and errors,
+--no-verify-base, and base paths that move with the adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hf_helpers import randomize_lora_b
+
+from minituner.cli import main
+from minituner.hf import apply_hf_lora, load_hf_model
+from minituner.hf.load import base_record
+from minituner.lora.adapters import save_adapter
+
+pytest.importorskip("transformers")
+
+
+def hf_adapter(model_dir, out, dtype=None):
+    """A float LoRA adapter saved on the toy model (recording its base like a run does)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    model = apply_hf_lora(load_hf_model(model_dir, dtype=dtype), r=2, alpha=4.0)
+    randomize_lora_b(model)
+    save_adapter(model, out, extra=base_record(model_dir, "lora", dtype))
+    return out
+
+
+def edit_config(directory, edit) -> None:
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def minituner_lines(capsys) -> list:
+    """minituner's own stderr lines (third-party import noise aside), after checking that no
+    traceback was printed."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("minituner")]
+
+
+def generate(model_dir, adapter, *extra) -> int:
+    return main(["generate", "--model", f"hf:{model_dir}", "--adapter", str(adapter),
+                 "--prompt", "the cat", "--max-new-tokens", "2", "--device", "cpu", *extra])
+
+
+def test_peft_adapter_without_fingerprint_warns_in_one_line(tmp_path, toy_hf_model, capsys):
+    model_dir = toy_hf_model("gpt2")
+    adapter = hf_adapter(model_dir, tmp_path / "adapter")
+    edit_config(adapter, lambda config: config.pop("minituner"))
+    assert generate(model_dir, adapter) == 0
+    err = minituner_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("minituner: warning: ")
+    assert "base could not be checked" in err[0]
+
+
+@pytest.mark.parametrize("key", ["r", "lora_alpha", "peft_type"])
+def test_missing_required_key_is_one_line_error(tmp_path, toy_hf_model, capsys, key):
+    model_dir = toy_hf_model("gpt2")
+    adapter = hf_adapter(model_dir, tmp_path / "adapter")
+    edit_config(adapter, lambda config: config.pop(key))
+    code = generate(model_dir, adapter)
+    err = minituner_lines(capsys)
+    assert code == 1 and len(err) == 1
+    assert f"required key '{key}' is missing" in err[0]
