@@ -66,3 +66,43 @@ def test_missing_required_key_is_one_line_error(tmp_path, toy_hf_model, capsys, 
     err = minituner_lines(capsys)
     assert code == 1 and len(err) == 1
     assert f"required key '{key}' is missing" in err[0]
+
+
+def test_adapter_from_fp32_base_runs_on_a_bf16_copy(tmp_path, toy_hf_model, capsys):
+    import torch
+
+    from minituner.hf.toy import write_toy_model
+
+    model_dir = toy_hf_model("gpt2")
+    adapter = hf_adapter(model_dir, tmp_path / "adapter")
+    bf16_copy = write_toy_model(tmp_path / "bf16", arch="gpt2", seed=0, dtype=torch.bfloat16)
+    other = toy_hf_model("gpt2", seed=1)
+    assert generate(bf16_copy, adapter) == 0
+    assert minituner_lines(capsys) == []
+    code = generate(other, adapter)
+    err = minituner_lines(capsys)
+    assert code == 1 and len(err) == 1 and "fingerprint mismatch" in err[0]
+    assert "--no-verify-base" in err[0]
+
+
+def test_no_verify_base_attaches_with_one_warning(tmp_path, toy_hf_model, capsys):
+    adapter = hf_adapter(toy_hf_model("gpt2"), tmp_path / "adapter")
+    other = toy_hf_model("gpt2", seed=1)
+    assert generate(other, adapter, "--no-verify-base") == 0
+    err = minituner_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("minituner: warning: ")
+    assert "fingerprint mismatch" in err[0]
+
+
+def test_merge_no_verify_base(tmp_path, toy_hf_model, capsys):
+    adapter = hf_adapter(toy_hf_model("gpt2"), tmp_path / "adapter")
+    other = toy_hf_model("gpt2", seed=1)
+    argv = ["merge", "--model", f"hf:{other}", "--adapter", str(adapter), "--out",
+            str(tmp_path / "merged"), "--device", "cpu"]
+    assert main(argv) == 1
+    assert "--no-verify-base" in minituner_lines(capsys)[0]
+    assert not (tmp_path / "merged").exists()
+    assert main([*argv, "--no-verify-base"]) == 0
+    err = minituner_lines(capsys)
+    assert len(err) == 1 and "fingerprint mismatch" in err[0]
+    assert (tmp_path / "merged" / "merge_report.json").is_file()

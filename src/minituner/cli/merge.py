@@ -17,6 +17,7 @@ from minituner.cli.runfolders import (
     one_line_warnings,
     read_run_folder,
     run_hf_merge_command,
+    verify_base,
 )
 
 
@@ -73,7 +74,8 @@ def merge_minigpt(args) -> dict:
 
     if args.model is None:
         raise ValueError("--model: give the Mini-GPT run folder (or hf:DIR)")
-    model, tokenizer, description = load_run(args.model, args.adapter)
+    model, tokenizer, description = load_run(args.model, args.adapter,
+                                             verify_base=verify_base(args))
     probe = torch.randint(0, model.config.vocab_size, (8, model.config.context_len),
                           generator=torch.Generator().manual_seed(0))
     quantized = description.get("adapter_kind") == "qlora"

@@ -85,6 +85,12 @@ def check_flags(args, kind: str) -> None:
                              "it runs on the CPU); the flag is for transformers models")
 
 
+def verify_base(args) -> bool:
+    """False when --no-verify-base was given: an adapter's base fingerprint is then only
+    warned about, not enforced."""
+    return not getattr(args, "no_verify_base", False)
+
+
 def device_of(args) -> str:
     """The --device a transformers model is loaded on (cpu when not given)."""
     return getattr(args, "device", None) or "cpu"
@@ -122,16 +128,17 @@ def _load_for_inference(args) -> tuple:
     if kind == MINIGPT:
         from minituner.course.loading import load_run
 
-        model, tokenizer, _ = load_run(args.model, adapter)
+        model, tokenizer, _ = load_run(args.model, adapter, verify_base=verify_base(args))
         return model, tokenizer, kind
     from minituner.hf.inference import inference_views, run_inference_views
     from minituner.hf.models import resolve_device
 
     device, allow_pickle = resolve_device(device_of(args)), bool(args.allow_pickle)
+    options = {"allow_pickle": allow_pickle, "verify_base": verify_base(args)}
     if is_hf_spec(args.model):
-        model, tokenizer = inference_views(args.model, adapter, device, allow_pickle)
+        model, tokenizer = inference_views(args.model, adapter, device, **options)
     else:
-        model, tokenizer = run_inference_views(args.model, adapter, device, allow_pickle)
+        model, tokenizer = run_inference_views(args.model, adapter, device, **options)
     return model, tokenizer, kind
 
 
@@ -150,6 +157,8 @@ def add_hf_inference_flags(parser: argparse.ArgumentParser) -> None:
          help="transformers models: auto, cpu (default) or cuda[:N]")
     _add(parser, "--allow-pickle", action="store_true", default=None,
          help="transformers models: read pytorch_model.bin weights (unpickling can run code)")
+    _add(parser, "--no-verify-base", action="store_true",
+         help="attach the adapter even if its base fingerprint does not match (warns)")
     _add(parser, "--seed", type=nonneg_int, default=0)
 
 
@@ -163,6 +172,8 @@ def add_hf_merge_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--overwrite", action="store_true")
     _add(parser, "--device", default=None,
          help="transformers models: cpu (default), cuda or cuda:N")
+    _add(parser, "--no-verify-base", action="store_true",
+         help="merge even if the adapter's base fingerprint does not match (warns)")
 
 
 def run_hf_merge_command(args, model_spec: str | None, adapter) -> int:
@@ -175,7 +186,7 @@ def run_hf_merge_command(args, model_spec: str | None, adapter) -> int:
                          "run folder) and --out DIR")
     report = merge_hf_adapter(model_spec, adapter, args.out, target=args.target,
                               device=resolve_device(device_of(args)),
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, strict=verify_base(args))
     memory, reloaded = report["merged_in_memory"], report["reloaded_from_directory"]
     print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
           f"diff| vs the unmerged adapter: {memory['max_abs_diff']:.3g} in memory, "
