@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from hf_helpers import randomize_lora_b
+from hf_helpers import randomize_lora_b, write_data
 
 from minituner.cli import main
 from minituner.hf import apply_hf_lora, load_hf_model
@@ -106,3 +107,40 @@ def test_merge_no_verify_base(tmp_path, toy_hf_model, capsys):
     err = minituner_lines(capsys)
     assert len(err) == 1 and "fingerprint mismatch" in err[0]
     assert (tmp_path / "merged" / "merge_report.json").is_file()
+
+
+def test_adapter_and_base_moved_together_keep_working(tmp_path, toy_hf_model, capsys):
+    project = tmp_path / "project"
+    shutil.copytree(toy_hf_model("gpt2"), project / "model")
+    adapter = hf_adapter(project / "model", project / "adapters" / "a1")
+    base = json.loads((adapter / "adapter_config.json").read_text())["minituner"]["base"]
+    assert base["relative_path"] == "../../model"
+    edit_config(adapter, lambda c: c["minituner"]["base"].pop("relative_path"))
+    hash_only = project / "adapters" / "old"
+    shutil.copytree(adapter, hash_only)
+    hf_adapter(project / "model", adapter)  # rewrite with the relative path
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    assert main(["merge", "--adapter", str(moved / "adapters" / "a1"), "--out",
+                 str(tmp_path / "merged"), "--device", "cpu"]) == 0
+    assert [line for line in minituner_lines(capsys) if "warning" in line] == []
+    assert (tmp_path / "merged" / "merge_report.json").is_file()
+    code = main(["merge", "--adapter", str(moved / "adapters" / "old"), "--out",
+                 str(tmp_path / "merged2"), "--device", "cpu"])
+    err = minituner_lines(capsys)
+    assert code == 1 and len(err) == 1 and "model directory not found" in err[0]
+
+
+def test_finetune_run_and_base_moved_together(tmp_path, toy_hf_model, capsys):
+    project = tmp_path / "project"
+    shutil.copytree(toy_hf_model("gpt2"), project / "model")
+    data = write_data(project / "data.jsonl")
+    assert main(["finetune", "--model", f"hf:{project / 'model'}", "--data", str(data),
+                 "--out", str(project / "run"), "--steps", "2", "--batch-size", "4",
+                 "--eval-every", "2", "--checkpoint-every", "2", "--rank", "2",
+                 "--device", "cpu"]) == 0
+    project.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "moved" / "run"), "--prompt", "the cat",
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert minituner_lines(capsys) == []

@@ -291,6 +291,20 @@ def base_record(path: str | os.PathLike, method: str, compute_dtype: torch.dtype
     return record
 
 
+def recorded_base_dir(record: dict, adapter_dir: str | os.PathLike) -> str:
+    """The base directory an adapter's record names: its ``relative_path`` seen from the
+    adapter folder when that is a model folder (both were moved together), else ``path``."""
+    relative = record.get("relative_path")
+    if isinstance(relative, str) and relative:
+        moved = Path(adapter_dir) / relative
+        if (moved / "config.json").is_file():
+            return str(moved.resolve())
+    path = record.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{adapter_dir}: minituner.base.path is {path!r}, not a directory")
+    return path
+
+
 def load_base(record: dict, device: str | torch.device = "cpu", path=None,
               allow_pickle: bool = False) -> nn.Module:
     """The base a :func:`base_record` describes (``path`` overrides the recorded directory;

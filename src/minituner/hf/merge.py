@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf.load import base_record, load_base, load_quantized_hf_model, quantize_loaded_model
+from minituner.hf.load import (
+    base_record,
+    load_base,
+    load_quantized_hf_model,
+    quantize_loaded_model,
+    recorded_base_dir,
+)
 from minituner.hf.models import context_length, load_hf_model, load_hf_tokenizer
 from minituner.hf.save import save_hf_model
 from minituner.lora import (
@@ -54,7 +60,7 @@ def adapter_base_record(adapter_dir: str | os.PathLike, model_spec: str | None) 
     """The adapter's record of its base (PEFT adapters: float LoRA in fp32 on ``model_spec``)."""
     record = recorded_hf_base(adapter_dir)
     if record is not None:
-        return record
+        return {**record, "path": recorded_base_dir(record, adapter_dir)}
     if model_spec is None:
         raise ValueError(f"{adapter_dir}: the adapter does not record its base; pass --model")
     return base_record(model_spec, "lora", torch.float32)

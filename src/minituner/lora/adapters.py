@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import warnings
 from dataclasses import replace
@@ -216,7 +217,9 @@ def save_adapter(
 ) -> Path:
     """Write the adapter (tensors + PEFT config + minituner section) to ``directory`` atomically.
 
-    ``extra`` (JSON-able) is stored as ``minituner.base`` (e.g. how the base was loaded).
+    ``extra`` (JSON-able) is stored as ``minituner.base`` (e.g. how the base was loaded); when
+    it names a base directory (``path``), that directory is also stored relative to the
+    adapter folder (``relative_path``), so moving both together keeps the adapter working.
     ``fingerprint``: the base's :func:`base_fingerprint` when the caller already has it (it
     hashes every base tensor); computed here when not given.
     """
@@ -253,7 +256,7 @@ def save_adapter(
         "base_config": _base_config(model),
     }
     if extra is not None:
-        section["base"] = extra
+        section["base"] = _with_relative_path(extra, directory)
     if init == "gaussian":
         section["init_lora_weights_note"] = (
             "A was drawn with variance 1/r (std 1/sqrt(r)); PEFT has no such option and its "
@@ -277,6 +280,18 @@ def save_adapter(
     atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
+
+
+def _with_relative_path(extra, directory: Path):
+    """``extra`` plus ``relative_path``: its ``path`` seen from the adapter folder."""
+    path = extra.get("path") if isinstance(extra, dict) else None
+    if not isinstance(path, str) or not path:
+        return extra
+    try:
+        relative = os.path.relpath(Path(path).resolve(), directory.resolve())
+    except ValueError:  # another drive (Windows): only the absolute path can be kept
+        return extra
+    return {**extra, "relative_path": Path(relative).as_posix()}
 
 
 def _parse_config(config: dict, path: Path) -> dict:
