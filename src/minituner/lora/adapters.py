@@ -14,18 +14,20 @@ It fingerprints the tensors as stored: an NF4-quantized base differs from its fl
 The hash changes when the base is copied to another dtype, so the adapter also stores per-tensor
 statistics (``base_fingerprint.tensor_stats``, algorithm :data:`STATS_ALGORITHM`): for each float
 tensor its L2 norm and a signed sum ``sum_i s_i w_i`` (``s_i = +-1`` from an integer hash of the
-flat index), both in float64; other tensors by sha256 of their bytes. A bf16 or fp16 copy of the
-same base moves each value by at most u = 2^-9 + 2^-11 (a bf16 and an fp16 rounding), so the norm
-moves by at most u times the norm, and the signed sum (random signs against fixed rounding
-errors) by more than 8 u times the norm with probability below 1e-13. Another base differs
-(its signed sum is off by about the norm); a fine-tuned copy is told apart once its weights moved
-by a few times 8 u relative (a few percent): smaller moves hide in the rounding.
+flat index: of its chunk of 2**20 and of its place in the chunk), both in float64; other tensors
+by sha256 of their bytes. A bf16 or fp16 copy of the same base moves each value by at most
+u = 2^-9 + 2^-11 (a bf16 and an fp16 rounding), so the norm moves by at most u times the norm,
+and the signed sum (random signs against fixed rounding errors) by more than 8 u times the norm
+with probability below 1e-13. Another base differs (its signed sum is off by about the norm); a
+fine-tuned copy is told apart once its weights moved by a few times 8 u relative (a few
+percent): smaller moves hide in the rounding.
 An adapter with only the hash (written before the statistics existed) is checked by the hash
 alone.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -97,7 +99,7 @@ STATS_ALGORITHM = "l2-and-signed-sum-v1"
 _COPY_ROUNDOFF = 2.0**-9 + 2.0**-11
 _FP16_ABS_ERROR = 2.0**-25  # fp16 subnormals: absolute, not relative, rounding error
 _SIGMAS = 8.0
-_CHUNK = 1 << 22
+_CHUNK = 1 << 20
 
 
 def _plain_tensors(model: nn.Module) -> dict:
@@ -107,22 +109,31 @@ def _plain_tensors(model: nn.Module) -> dict:
             for key, tensor in model.state_dict().items() if not is_lora_name(key)}
 
 
-def _signs(start: int, count: int, device) -> torch.Tensor:
-    """+-1 (float64) for flat indices start..start+count, from a 32-bit integer hash."""
-    x = torch.arange(start, start + count, dtype=torch.int64, device=device) & 0xFFFFFFFF
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int64 values below 2**32."""
     x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
     x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
-    x = (x >> 16) ^ x
-    return (x & 1).to(torch.float64) * 2 - 1
+    return (x >> 16) ^ x
+
+
+@functools.lru_cache(maxsize=4)
+def _chunk_signs(device: str) -> torch.Tensor:
+    """+-1 (float64) for the positions inside one chunk, made once per device."""
+    index = torch.arange(_CHUNK, dtype=torch.int64, device=device)
+    return (_hash32(index) & 1).to(torch.float64) * 2 - 1
 
 
 def _float_stats(tensor: torch.Tensor) -> dict:
+    """L2 norm and signed sum; the sign of flat index i is chunk_sign(i // CHUNK) times the
+    within-chunk sign of i % CHUNK (one sign vector per device, reused for every chunk)."""
     flat = tensor.detach().reshape(-1)
+    signs = _chunk_signs(str(flat.device))
     squares, signed = 0.0, 0.0
-    for start in range(0, flat.numel(), _CHUNK):
+    for number, start in enumerate(range(0, flat.numel(), _CHUNK)):
         chunk = flat[start:start + _CHUNK].to(torch.float64)
-        squares += float((chunk * chunk).sum())
-        signed += float((chunk * _signs(start, chunk.numel(), chunk.device)).sum())
+        chunk_sign = 1.0 if int(_hash32(torch.tensor(number + 0x9E37)) & 1) else -1.0
+        squares += float(torch.dot(chunk, chunk))
+        signed += chunk_sign * float(torch.dot(chunk, signs[:chunk.numel()]))
     return {"l2": math.sqrt(squares), "signed_sum": signed}
 
 
