@@ -132,3 +132,24 @@ def test_allow_pickle_is_refused_for_a_minigpt_run(tiny_base_run, capsys):
     code = main(["generate", "--model", str(tiny_base_run), "--allow-pickle"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--allow-pickle" in err[0]
+
+
+def test_merge_refuses_pickle_base_unless_allowed(tmp_path, toy_hf_model, capsys):
+    from hf_helpers import randomize_lora_b
+
+    from minituner.hf import apply_hf_lora
+    from minituner.hf.load import base_record
+    from minituner.lora.adapters import save_adapter
+
+    model_dir = pickle_copy(toy_hf_model("gpt2"), tmp_path / "m")
+    model = apply_hf_lora(load_hf_model(model_dir, allow_pickle=True), r=2)
+    randomize_lora_b(model)
+    save_adapter(model, tmp_path / "adapter", extra=base_record(model_dir, "lora", torch.float32))
+    argv = ["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"),
+            "--device", "cpu"]
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("minituner")]
+    assert len(err) == 1 and "--allow-pickle" in err[0]
+    assert not (tmp_path / "merged").exists()
+    assert main([*argv, "--allow-pickle"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -174,6 +174,8 @@ def add_hf_merge_flags(parser: argparse.ArgumentParser) -> None:
          help="transformers models: cpu (default), cuda or cuda:N")
     _add(parser, "--no-verify-base", action="store_true",
          help="merge even if the adapter's base fingerprint does not match (warns)")
+    _add(parser, "--allow-pickle", action="store_true", default=None,
+         help="transformers models: read pytorch_model.bin weights (unpickling can run code)")
 
 
 def run_hf_merge_command(args, model_spec: str | None, adapter) -> int:
@@ -186,7 +188,8 @@ def run_hf_merge_command(args, model_spec: str | None, adapter) -> int:
                          "run folder) and --out DIR")
     report = merge_hf_adapter(model_spec, adapter, args.out, target=args.target,
                               device=resolve_device(device_of(args)),
-                              overwrite=args.overwrite, strict=verify_base(args))
+                              overwrite=args.overwrite, strict=verify_base(args),
+                              allow_pickle=bool(args.allow_pickle))
     memory, reloaded = report["merged_in_memory"], report["reloaded_from_directory"]
     print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
           f"diff| vs the unmerged adapter: {memory['max_abs_diff']:.3g} in memory, "

@@ -133,7 +133,7 @@ def _merge(model: nn.Module, target: str, record: dict) -> nn.Module:
 
 def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str | None = None,
                      device: str | torch.device = "cpu", overwrite: bool = False,
-                     strict: bool = True) -> dict:
+                     strict: bool = True, allow_pickle: bool = False) -> dict:
     """Merge ``adapter_dir`` into its base and write ``out_dir``; returns the merge report."""
     target = target or "dequantized"
     if target not in MERGE_TARGETS:
@@ -143,7 +143,8 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder is not empty (pass --overwrite to replace it)")
-    model = load_adapter(load_base(record, device=device, path=path), adapter_dir, strict=strict)
+    base = load_base(record, device=device, path=path, allow_pickle=allow_pickle)
+    model = load_adapter(base, adapter_dir, strict=strict)
     tokens = probe_tokens(model.config.vocab_size, context_length(model.config))
     before = _logits(model, tokens)
     n_layers = len(lora_layers(model))
