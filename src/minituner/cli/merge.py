@@ -14,8 +14,10 @@ from minituner.cli.runfolders import (
     add_hf_merge_flags,
     check_flags,
     is_hf_spec,
+    one_line_warnings,
     read_run_folder,
     run_hf_merge_command,
+    verify_base,
 )
 
 
@@ -72,7 +74,8 @@ def merge_minigpt(args) -> dict:
 
     if args.model is None:
         raise ValueError("--model: give the Mini-GPT run folder (or hf:DIR)")
-    model, tokenizer, description = load_run(args.model, args.adapter)
+    model, tokenizer, description = load_run(args.model, args.adapter,
+                                             verify_base=verify_base(args))
     probe = torch.randint(0, model.config.vocab_size, (8, model.config.context_len),
                           generator=torch.Generator().manual_seed(0))
     quantized = description.get("adapter_kind") == "qlora"
@@ -92,7 +95,12 @@ def merge_minigpt(args) -> dict:
 
 
 def run(args) -> int:
-    """Merge, write, print the drift."""
+    """Merge, write, print the drift (adapter warnings as one stderr line each)."""
+    with one_line_warnings():
+        return _run(args)
+
+
+def _run(args) -> int:
     transformers = _transformers_merge(args)
     if transformers is not None:
         return run_hf_merge_command(args, *transformers)

@@ -11,6 +11,9 @@ packages never import each other.
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ MINIGPT, TRANSFORMERS = "Mini-GPT", "transformers"
 RUN_FORMAT = 1  # the newest run-folder format this minituner reads (absent = 1)
 RUN_KINDS = {"pretrain": MINIGPT, "finetune": MINIGPT, "merged": MINIGPT,
              "finetune-hf": TRANSFORMERS}
-TRANSFORMERS_ONLY_FLAGS = ("device",)  # flags a Mini-GPT model has no use for
+TRANSFORMERS_ONLY_FLAGS = ("device", "allow_pickle")  # flags a Mini-GPT model has no use for
 
 
 @dataclass(frozen=True)
@@ -82,29 +85,60 @@ def check_flags(args, kind: str) -> None:
                              "it runs on the CPU); the flag is for transformers models")
 
 
+def verify_base(args) -> bool:
+    """False when --no-verify-base was given: an adapter's base fingerprint is then only
+    warned about, not enforced."""
+    return not getattr(args, "no_verify_base", False)
+
+
 def device_of(args) -> str:
     """The --device a transformers model is loaded on (cpu when not given)."""
     return getattr(args, "device", None) or "cpu"
 
 
+@contextmanager
+def one_line_warnings():
+    """Inside the block a UserWarning (e.g. an adapter whose base could not be checked) is
+    printed as one stderr line, not Python's two-line file:line form."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", category=UserWarning, module="minituner")
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, UserWarning):
+                return original(message, category, filename, lineno, file, line)
+            text = str(message).strip().splitlines()
+            print(f"minituner: warning: {text[0] if text else category.__name__}",
+                  file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
 def load_for_inference(args) -> tuple:
     """(model, tokenizer, model kind) of --model (and --adapter) for eval and generate."""
+    with one_line_warnings():
+        return _load_for_inference(args)
+
+
+def _load_for_inference(args) -> tuple:
     kind = model_kind(args.model)
     check_flags(args, kind)
     adapter = getattr(args, "adapter", None)
     if kind == MINIGPT:
         from minituner.course.loading import load_run
 
-        model, tokenizer, _ = load_run(args.model, adapter)
+        model, tokenizer, _ = load_run(args.model, adapter, verify_base=verify_base(args))
         return model, tokenizer, kind
     from minituner.hf.inference import inference_views, run_inference_views
     from minituner.hf.models import resolve_device
 
-    device = resolve_device(device_of(args))
+    device, allow_pickle = resolve_device(device_of(args)), bool(args.allow_pickle)
+    options = {"allow_pickle": allow_pickle, "verify_base": verify_base(args)}
     if is_hf_spec(args.model):
-        model, tokenizer = inference_views(args.model, adapter, device)
+        model, tokenizer = inference_views(args.model, adapter, device, **options)
     else:
-        model, tokenizer = run_inference_views(args.model, adapter, device)
+        model, tokenizer = run_inference_views(args.model, adapter, device, **options)
     return model, tokenizer, kind
 
 
@@ -117,10 +151,14 @@ def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
 
 
 def add_hf_inference_flags(parser: argparse.ArgumentParser) -> None:
-    """--adapter, --device and --seed of ``eval`` / ``generate``."""
+    """--adapter, --device, --allow-pickle and --seed of ``eval`` / ``generate``."""
     _add(parser, "--adapter", metavar="DIR", help="adapter to apply (instead of a run's own)")
     _add(parser, "--device", default=None,
          help="transformers models: auto, cpu (default) or cuda[:N]")
+    _add(parser, "--allow-pickle", action="store_true", default=None,
+         help="transformers models: read pytorch_model.bin weights (unpickling can run code)")
+    _add(parser, "--no-verify-base", action="store_true",
+         help="attach the adapter even if its base fingerprint does not match (warns)")
     _add(parser, "--seed", type=nonneg_int, default=0)
 
 
@@ -134,6 +172,10 @@ def add_hf_merge_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--overwrite", action="store_true")
     _add(parser, "--device", default=None,
          help="transformers models: cpu (default), cuda or cuda:N")
+    _add(parser, "--no-verify-base", action="store_true",
+         help="merge even if the adapter's base fingerprint does not match (warns)")
+    _add(parser, "--allow-pickle", action="store_true", default=None,
+         help="transformers models: read pytorch_model.bin weights (unpickling can run code)")
 
 
 def run_hf_merge_command(args, model_spec: str | None, adapter) -> int:
@@ -146,7 +188,8 @@ def run_hf_merge_command(args, model_spec: str | None, adapter) -> int:
                          "run folder) and --out DIR")
     report = merge_hf_adapter(model_spec, adapter, args.out, target=args.target,
                               device=resolve_device(device_of(args)),
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, strict=verify_base(args),
+                              allow_pickle=bool(args.allow_pickle))
     memory, reloaded = report["merged_in_memory"], report["reloaded_from_directory"]
     print(f"merged {report['n_layers']} layers ({report['target']}) -> {args.out}; max |logit "
           f"diff| vs the unmerged adapter: {memory['max_abs_diff']:.3g} in memory, "

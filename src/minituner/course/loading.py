@@ -45,24 +45,28 @@ def _adapter_settings(adapter_dir: Path) -> dict:
     }
 
 
-def attach_adapter(model, adapter_dir) -> tuple:
-    """(model with the adapter, "lora" | "qlora"); refuses an adapter from another base."""
+def attach_adapter(model, adapter_dir, verify_base: bool = True) -> tuple:
+    """(model with the adapter, "lora" | "qlora"); refuses an adapter from another base
+    (``verify_base=False``: attaches it as float LoRA with a warning)."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: adapter folder not found")
     settings = _adapter_settings(adapter_dir)
     saved = settings["fingerprint"]
     if saved is None or saved == base_fingerprint(model):
-        return load_adapter(model, adapter_dir), "lora"
+        return load_adapter(model, adapter_dir, strict=verify_base), "lora"
     targets = settings["targets"]
     extra = {"target_modules": targets} if isinstance(targets, (list, str)) else {}
     quantized = wrap_minigpt_qlora(copy.deepcopy(model), r=int(settings["r"]),
                                    alpha=float(settings["alpha"]),
                                    quant_scheme=settings["quant_scheme"], **extra)
     if base_fingerprint(quantized) != saved:
+        if not verify_base:
+            return load_adapter(model, adapter_dir, strict=False), "lora"
         raise ValueError(
             f"{adapter_dir}: adapter was trained on another base (fingerprint "
-            f"{saved[:12]}... matches neither this model nor its NF4 version)"
+            f"{str(saved)[:12]}... matches neither this model nor its NF4 version; pass "
+            "--no-verify-base to attach it anyway)"
         )
     return load_adapter(quantized, adapter_dir), "qlora"
 
@@ -80,8 +84,9 @@ def recorded_base(config: dict, run: Path) -> str:
     return base["path"]
 
 
-def load_run(run_dir, adapter=None) -> tuple:
-    """(model, tokenizer, description) for a model run, a full-FT run or a LoRA/QLoRA run."""
+def load_run(run_dir, adapter=None, verify_base: bool = True) -> tuple:
+    """(model, tokenizer, description) for a model run, a full-FT run or a LoRA/QLoRA run
+    (``verify_base=False``: an adapter from another base is attached with a warning)."""
     run = Path(run_dir)
     config = load_run_config(run)
     if config.get("kind") == "finetune" and config.get("method") in ("lora", "qlora"):
@@ -93,6 +98,6 @@ def load_run(run_dir, adapter=None) -> tuple:
         model, tokenizer, _ = load_base(run)
         description = {"base": str(run)}
     if adapter is not None:
-        model, kind = attach_adapter(model, adapter)
+        model, kind = attach_adapter(model, adapter, verify_base)
         description.update(adapter=str(adapter), adapter_kind=kind)
     return model, tokenizer, description

@@ -34,34 +34,40 @@ def run_adapter_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def load_adapted_model(model_spec: str | None, adapter_dir: str | os.PathLike,
-                       device: str | torch.device = "cpu") -> tuple:
+                       device: str | torch.device = "cpu", allow_pickle: bool = False,
+                       verify_base: bool = True) -> tuple:
     """(model with the adapter applied, its base directory); ``model_spec`` None: the base
-    the adapter records."""
+    the adapter records. ``verify_base=False``: a fingerprint mismatch only warns."""
     record = adapter_base_record(adapter_dir, model_spec)
     path = model_spec if model_spec is not None else record["path"]
-    model = load_adapter(load_base(record, device=device, path=path), adapter_dir)
+    base = load_base(record, device=device, path=path, allow_pickle=allow_pickle)
+    model = load_adapter(base, adapter_dir, strict=verify_base)
     return model, path
 
 
 def inference_views(model_spec: str | None, adapter_dir: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu") -> tuple:
+                    device: str | torch.device = "cpu", allow_pickle: bool = False,
+                    verify_base: bool = True) -> tuple:
     """(ModelView, TokenizerView) of a transformers base, with ``adapter_dir`` applied when
     given (``model_spec`` None: the adapter's recorded base)."""
     if adapter_dir is not None:
-        model, path = load_adapted_model(model_spec, adapter_dir, device)
+        model, path = load_adapted_model(model_spec, adapter_dir, device, allow_pickle,
+                                         verify_base)
     elif model_spec is None:
         raise ValueError("--model: give a transformers model (hf:DIR) or an adapter")
     else:
-        model, path = load_hf_model(model_spec, device=device), model_spec
+        model = load_hf_model(model_spec, device=device, allow_pickle=allow_pickle)
+        path = model_spec
     return _views(model, path)
 
 
 def run_inference_views(run_dir: str | os.PathLike, adapter_dir=None,
-                        device: str | torch.device = "cpu") -> tuple:
+                        device: str | torch.device = "cpu", allow_pickle: bool = False,
+                        verify_base: bool = True) -> tuple:
     """(ModelView, TokenizerView) of a transformers run folder: its base plus its adapter (or
     ``adapter_dir`` instead)."""
     adapter = Path(adapter_dir) if adapter_dir is not None else run_adapter_dir(run_dir)
-    return inference_views(None, adapter, device)
+    return inference_views(None, adapter, device, allow_pickle, verify_base)
 
 
 def _views(model: nn.Module, path) -> tuple:

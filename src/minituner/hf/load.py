@@ -67,6 +67,19 @@ def params_on_meta():
         nn.Module.register_parameter = original
 
 
+def inside_model_dir(directory: Path, name, where: Path) -> Path:
+    """``directory / name`` for a file name read from ``where`` (an index or config), refused
+    unless it is a relative path that stays inside the model folder (no ``..``, no symlink out)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: file name {name!r} is not a non-empty string")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{where}: file {name!r} is outside the model folder {directory}")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ValueError(f"{where}: file {name!r} resolves outside the model folder {directory}")
+    return path
+
+
 class TensorSource:
     """Every tensor of a model directory's safetensors file(s), read one at a time on demand."""
 
@@ -78,7 +91,10 @@ class TensorSource:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"{index}: not a safetensors index ({exc})") from None
-            self.file_of = {key: self.directory / name for key, name in weight_map.items()}
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: weight_map must be an object of tensor -> file")
+            self.file_of = {key: inside_model_dir(self.directory, name, index)
+                            for key, name in weight_map.items()}
         elif single.is_file():
             self.file_of = {key: single for key in self._keys(single)}
         else:
@@ -275,8 +291,24 @@ def base_record(path: str | os.PathLike, method: str, compute_dtype: torch.dtype
     return record
 
 
-def load_base(record: dict, device: str | torch.device = "cpu", path=None) -> nn.Module:
-    """The base a :func:`base_record` describes (``path`` overrides the recorded directory)."""
+def recorded_base_dir(record: dict, adapter_dir: str | os.PathLike) -> str:
+    """The base directory an adapter's record names: its ``relative_path`` seen from the
+    adapter folder when that is a model folder (both were moved together), else ``path``."""
+    relative = record.get("relative_path")
+    if isinstance(relative, str) and relative:
+        moved = Path(adapter_dir) / relative
+        if (moved / "config.json").is_file():
+            return str(moved.resolve())
+    path = record.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{adapter_dir}: minituner.base.path is {path!r}, not a directory")
+    return path
+
+
+def load_base(record: dict, device: str | torch.device = "cpu", path=None,
+              allow_pickle: bool = False) -> nn.Module:
+    """The base a :func:`base_record` describes (``path`` overrides the recorded directory;
+    ``allow_pickle``: a float base may be read from pytorch_model.bin)."""
     directory = path if path is not None else record["path"]
     dtype = getattr(torch, str(record.get("compute_dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype):
@@ -285,4 +317,4 @@ def load_base(record: dict, device: str | torch.device = "cpu", path=None) -> nn
         blocksize, double_quant = parse_quant_scheme(record.get("quant_scheme",
                                                                 DEFAULT_QUANT_SCHEME))
         return load_quantized_hf_model(directory, dtype, blocksize, double_quant, device=device)
-    return load_hf_model(directory, dtype, device)
+    return load_hf_model(directory, dtype, device, allow_pickle=allow_pickle)

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf.load import base_record, load_base, load_quantized_hf_model, quantize_loaded_model
+from minituner.hf.load import (
+    base_record,
+    load_base,
+    load_quantized_hf_model,
+    quantize_loaded_model,
+    recorded_base_dir,
+)
 from minituner.hf.models import context_length, load_hf_model, load_hf_tokenizer
 from minituner.hf.save import save_hf_model
 from minituner.lora import (
@@ -55,7 +61,7 @@ def adapter_base_record(adapter_dir: str | os.PathLike, model_spec: str | None) 
     """The adapter's record of its base (PEFT adapters: float LoRA in fp32 on ``model_spec``)."""
     record = recorded_hf_base(adapter_dir)
     if record is not None:
-        return record
+        return {**record, "path": recorded_base_dir(record, adapter_dir)}
     if model_spec is None:
         raise ValueError(f"{adapter_dir}: the adapter does not record its base; pass --model")
     return base_record(model_spec, "lora", torch.float32)
@@ -128,7 +134,7 @@ def _merge(model: nn.Module, target: str, record: dict) -> nn.Module:
 
 def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str | None = None,
                      device: str | torch.device = "cpu", overwrite: bool = False,
-                     strict: bool = True) -> dict:
+                     strict: bool = True, allow_pickle: bool = False) -> dict:
     """Merge ``adapter_dir`` into its base and write ``out_dir``; returns the merge report."""
     target = target or "dequantized"
     if target not in MERGE_TARGETS:
@@ -138,7 +144,8 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder is not empty (pass --overwrite to replace it)")
-    model = load_adapter(load_base(record, device=device, path=path), adapter_dir, strict=strict)
+    base = load_base(record, device=device, path=path, allow_pickle=allow_pickle)
+    model = load_adapter(base, adapter_dir, strict=strict)
     tokens = probe_tokens(model.config.vocab_size, context_length(model.config))
     before = _logits(model, tokens)
     n_layers = len(lora_layers(model))

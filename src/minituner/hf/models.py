@@ -32,6 +32,8 @@ SUPPORTED_ARCHITECTURES = {
     "qwen3": "Qwen3 (q/k/v/o_proj, gate/up/down_proj)",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}
 
@@ -139,12 +141,18 @@ def quiet_transformers():
 
 
 def load_hf_model(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+    allow_pickle: bool = False,
 ) -> nn.Module:
-    """A full-precision causal LM from a local directory, in eval mode, weights in ``dtype``."""
+    """A full-precision causal LM from a local directory, in eval mode, weights in ``dtype``.
+
+    Weights are read from safetensors only: unpickling ``pytorch_model.bin`` can run code, so a
+    folder holding only pickle weights is refused unless ``allow_pickle`` is True.
+    """
     config = read_hf_config(path)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{hf_dir(path)}: the checkpoint is 4-bit quantized; use --method qlora")
+    use_safetensors = check_weight_files(hf_dir(path), allow_pickle)
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -152,11 +160,26 @@ def load_hf_model(
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 str(hf_dir(path)), config=config, dtype=dtype, local_files_only=True,
+                use_safetensors=use_safetensors,
             )
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"{hf_dir(path)}: cannot load the model ({_first_line(exc)})") from None
     fuse_activations(model)
     return model.to(device).eval()
+
+
+def check_weight_files(directory: Path, allow_pickle: bool) -> bool:
+    """True when the folder has safetensors weights (the only ones read); a pickle-only folder
+    is refused unless ``allow_pickle``, which then returns False (transformers reads the .bin)."""
+    if any((directory / name).is_file() for name in SAFETENSORS_FILES):
+        return True
+    pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
+    if not pickles:
+        raise ValueError(f"{directory}: no model weights ({' or '.join(SAFETENSORS_FILES)})")
+    if not allow_pickle:
+        raise ValueError(f"{directory}: holds only pickle weights ({pickles[0]}), which can run "
+                         "code when loaded; convert them to safetensors or pass --allow-pickle")
+    return False
 
 
 class TanhGELU(nn.Module):

@@ -10,12 +10,28 @@ Base fingerprint: sha256 over every tensor of the model's ``state_dict()`` excep
 sorted name order; for each tensor the hash takes ``name``, ``str(dtype)`` and the shape as
 comma-separated ints, each followed by a NUL byte, then the tensor's raw bytes (C order, CPU).
 It fingerprints the tensors as stored: an NF4-quantized base differs from its float source.
+
+The hash changes when the base is copied to another dtype, so the adapter also stores per-tensor
+statistics (``base_fingerprint.tensor_stats``, algorithm :data:`STATS_ALGORITHM`): for each float
+tensor its L2 norm and a signed sum ``sum_i s_i w_i`` (``s_i = +-1`` from an integer hash of the
+flat index: of its chunk of 2**20 and of its place in the chunk), both in float64; other tensors
+by sha256 of their bytes. A bf16 or fp16 copy of the same base moves each value by at most
+u = 2^-9 + 2^-11 (a bf16 and an fp16 rounding), so the norm moves by at most u times the norm,
+and the signed sum (random signs against fixed rounding errors) by more than 8 u times the norm
+with probability below 1e-13. Another base differs (its signed sum is off by about the norm); a
+fine-tuned copy is told apart once its weights moved by a few times 8 u relative (a few
+percent): smaller moves hide in the rounding.
+An adapter with only the hash (written before the statistics existed) is checked by the hash
+alone.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+import os
 import re
 import warnings
 from dataclasses import replace
@@ -63,15 +79,13 @@ _UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "layer_replication",
                 "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
                 "use_qalora", "use_bdlora")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# Keys without a safe default: guessing r or lora_alpha silently changes the adapter's scale.
+REQUIRED_KEYS = ("peft_type", "r", "lora_alpha")
 
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 of the frozen base tensors under plain-model names (see the module docstring)."""
-    wrapper_paths = {name for name, _ in lora_layers(model)}
-    named = {}
-    for key, tensor in model.state_dict().items():
-        if not is_lora_name(key):
-            named[_plain_name(key, wrapper_paths)] = tensor
+    named = _plain_tensors(model)
     digest = hashlib.sha256()
     for name in sorted(named):
         tensor = named[name].detach().cpu().contiguous()
@@ -79,6 +93,96 @@ def base_fingerprint(model: nn.Module) -> str:
         digest.update(b"".join(part.encode() + b"\0" for part in header))
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+STATS_ALGORITHM = "l2-and-signed-sum-v1"
+# Largest relative error of one value copied through bf16 and fp16 (half an ulp of each).
+_COPY_ROUNDOFF = 2.0**-9 + 2.0**-11
+_FP16_ABS_ERROR = 2.0**-25  # fp16 subnormals: absolute, not relative, rounding error
+_SIGMAS = 8.0
+_CHUNK = 1 << 20
+
+
+def _plain_tensors(model: nn.Module) -> dict:
+    """The model's non-LoRA state_dict tensors under the names the plain model would use."""
+    wrapper_paths = {name for name, _ in lora_layers(model)}
+    return {_plain_name(key, wrapper_paths): tensor
+            for key, tensor in model.state_dict().items() if not is_lora_name(key)}
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) of int64 values below 2**32."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+@functools.lru_cache(maxsize=4)
+def _chunk_signs(device: str) -> torch.Tensor:
+    """+-1 (float64) for the positions inside one chunk, made once per device."""
+    index = torch.arange(_CHUNK, dtype=torch.int64, device=device)
+    return (_hash32(index) & 1).to(torch.float64) * 2 - 1
+
+
+def _float_stats(tensor: torch.Tensor) -> dict:
+    """L2 norm and signed sum; the sign of flat index i is chunk_sign(i // CHUNK) times the
+    within-chunk sign of i % CHUNK (one sign vector per device, reused for every chunk)."""
+    flat = tensor.detach().reshape(-1)
+    signs = _chunk_signs(str(flat.device))
+    squares, signed = 0.0, 0.0
+    for number, start in enumerate(range(0, flat.numel(), _CHUNK)):
+        chunk = flat[start:start + _CHUNK].to(torch.float64)
+        chunk_sign = 1.0 if int(_hash32(torch.tensor(number + 0x9E37)) & 1) else -1.0
+        squares += float(torch.dot(chunk, chunk))
+        signed += chunk_sign * float(torch.dot(chunk, signs[:chunk.numel()]))
+    return {"l2": math.sqrt(squares), "signed_sum": signed}
+
+
+def base_tensor_stats(model: nn.Module) -> dict:
+    """Per-tensor statistics of the frozen base that survive a dtype copy (module docstring)."""
+    stats = {}
+    for name, tensor in sorted(_plain_tensors(model).items()):
+        entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+        if tensor.is_floating_point():
+            entry.update(_float_stats(tensor))
+        else:
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            entry["sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+        stats[name] = entry
+    return stats
+
+
+def _float_close(saved: dict, actual: dict) -> bool:
+    """True when two float tensors' statistics agree within fp32/bf16/fp16 rounding.
+
+    The dtype a model holds now does not say which dtypes its values passed through (a bf16
+    checkpoint loaded in fp32 holds bf16-rounded values), so the bound allows the coarsest copy:
+    one bf16 and one fp16 rounding of each value, plus fp16's subnormal step.
+    """
+    numel = math.prod(actual["shape"])
+    norm = max(float(saved["l2"]), float(actual["l2"]))
+    error = _COPY_ROUNDOFF * norm + _FP16_ABS_ERROR * math.sqrt(numel)
+    slack = 1e-9 * norm + 1e-30
+    return (abs(float(saved["l2"]) - float(actual["l2"])) <= error + slack
+            and abs(float(saved["signed_sum"]) - float(actual["signed_sum"]))
+            <= _SIGMAS * error + slack)
+
+
+def stats_difference(saved: dict, actual: dict) -> str | None:
+    """The first tensor whose statistics differ beyond dtype rounding (None: the same base)."""
+    missing, extra = sorted(set(saved) - set(actual)), sorted(set(actual) - set(saved))
+    if missing or extra:
+        return f"tensors missing {missing[:3]}, unexpected {extra[:3]}"
+    for name in sorted(saved):
+        old, new = saved[name], actual[name]
+        if list(old["shape"]) != new["shape"]:
+            return f"{name} has shape {new['shape']}, the adapter's base had {old['shape']}"
+        if "sha256" in new or "sha256" in old:
+            if old.get("sha256") != new.get("sha256") or old["dtype"] != new["dtype"]:
+                return f"{name} differs"
+        elif not _float_close(old, new):
+            return f"{name} differs beyond fp32/bf16/fp16 rounding"
+    return None
 
 
 def _plain_name(key: str, wrapper_paths: set) -> str:
@@ -125,7 +229,9 @@ def save_adapter(
 ) -> Path:
     """Write the adapter (tensors + PEFT config + minituner section) to ``directory`` atomically.
 
-    ``extra`` (JSON-able) is stored as ``minituner.base`` (e.g. how the base was loaded).
+    ``extra`` (JSON-able) is stored as ``minituner.base`` (e.g. how the base was loaded); when
+    it names a base directory (``path``), that directory is also stored relative to the
+    adapter folder (``relative_path``), so moving both together keeps the adapter working.
     ``fingerprint``: the base's :func:`base_fingerprint` when the caller already has it (it
     hashes every base tensor); computed here when not given.
     """
@@ -154,11 +260,15 @@ def save_adapter(
             "covers": "state_dict tensors except lora_*, plain-model names, sorted; "
                       "name, dtype, shape (NUL-terminated) then raw bytes per tensor",
             "value": fingerprint if fingerprint is not None else base_fingerprint(model),
+            "tensor_stats": {"algorithm": STATS_ALGORITHM,
+                             "covers": "the same tensors; floats: L2 norm and signed sum in "
+                                       "float64, others: sha256 of the bytes",
+                             "tensors": base_tensor_stats(model)},
         },
         "base_config": _base_config(model),
     }
     if extra is not None:
-        section["base"] = extra
+        section["base"] = _with_relative_path(extra, directory)
     if init == "gaussian":
         section["init_lora_weights_note"] = (
             "A was drawn with variance 1/r (std 1/sqrt(r)); PEFT has no such option and its "
@@ -184,11 +294,26 @@ def save_adapter(
     return directory
 
 
+def _with_relative_path(extra, directory: Path):
+    """``extra`` plus ``relative_path``: its ``path`` seen from the adapter folder."""
+    path = extra.get("path") if isinstance(extra, dict) else None
+    if not isinstance(path, str) or not path:
+        return extra
+    try:
+        relative = os.path.relpath(Path(path).resolve(), directory.resolve())
+    except ValueError:  # another drive (Windows): only the absolute path can be kept
+        return extra
+    return {**extra, "relative_path": Path(relative).as_posix()}
+
+
 def _parse_config(config: dict, path: Path) -> dict:
     """Validated LoRA settings from an adapter_config.json (PEFT's or minituner's)."""
     if not isinstance(config, dict):
         raise ValueError(f"{path}: adapter config must be a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
+    for key in REQUIRED_KEYS:
+        if key not in config:
+            raise ValueError(f"{path}: required key {key!r} is missing")
+    if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
     for field in _UNSUPPORTED:
         if config.get(field):
@@ -198,8 +323,8 @@ def _parse_config(config: dict, path: Path) -> dict:
     section = config.get("minituner")
     try:
         settings = {
-            "r": check_rank(config.get("r", 8), "r"),
-            "alpha": check_alpha(config.get("lora_alpha", 8), "lora_alpha"),
+            "r": check_rank(config["r"], "r"),
+            "alpha": check_alpha(config["lora_alpha"], "lora_alpha"),
             "dropout": check_dropout(config.get("lora_dropout", 0.0), "lora_dropout"),
             "use_rslora": _check_bool(config.get("use_rslora", False), "use_rslora"),
             "fan_in_fan_out": _check_bool(config.get("fan_in_fan_out", False), "fan_in_fan_out"),
@@ -211,15 +336,41 @@ def _parse_config(config: dict, path: Path) -> dict:
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: {exc}") from None
     settings["target_modules"] = config.get("target_modules")
-    settings["fingerprint"] = None
+    settings["fingerprint"], settings["tensor_stats"] = None, None
     if isinstance(section, dict):
         version = section.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ValueError(f"{path}: minituner.format_version {version!r} is not supported")
         requested = section.get("target_modules_requested", config.get("target_modules"))
         settings["target_modules"] = requested
-        settings["fingerprint"] = (section.get("base_fingerprint") or {}).get("value")
+        record = section.get("base_fingerprint") or {}
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: minituner.base_fingerprint must be an object")
+        settings["fingerprint"] = record.get("value")
+        settings["tensor_stats"] = _stats_of(record.get("tensor_stats"), path)
     return settings
+
+
+def _stats_of(value, path: Path) -> dict | None:
+    """The recorded per-tensor statistics (None when absent), after checking their form."""
+    if not isinstance(value, dict) or value.get("algorithm") != STATS_ALGORITHM:
+        return None  # absent, or an algorithm this minituner does not know: the hash only
+    tensors = value.get("tensors")
+    if not isinstance(tensors, dict) or not all(map(_stats_entry_ok, tensors.values())):
+        raise ValueError(f"{path}: minituner.base_fingerprint.tensor_stats is malformed")
+    return tensors
+
+
+def _stats_entry_ok(entry) -> bool:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+        return False
+    return "sha256" in entry or (number(entry.get("l2")) and number(entry.get("signed_sum")))
 
 
 def _check_bool(value, name: str) -> bool:
@@ -326,14 +477,22 @@ def _check_layout(model: nn.Module, modules: list, settings: dict, path: Path) -
 def _check_fingerprint(model: nn.Module, settings: dict, path: Path, strict: bool) -> None:
     saved = settings["fingerprint"]
     if saved is None:
+        warnings.warn(f"{path}: the adapter records no minituner.base_fingerprint (a PEFT "
+                      "adapter?), so its base could not be checked", UserWarning, stacklevel=3)
         return
     actual = base_fingerprint(model)
     if actual == saved:
         return
+    detail = ""
+    if settings["tensor_stats"] is not None:
+        difference = stats_difference(settings["tensor_stats"], base_tensor_stats(model))
+        if difference is None:
+            return  # the same base in another dtype
+        detail = f" ({difference})"
     message = (f"{path}: base model fingerprint mismatch: the adapter was trained on base "
-               f"{saved[:12]}..., this model is {actual[:12]}...")
+               f"{str(saved)[:12]}..., this model is {actual[:12]}...{detail}")
     if strict:
-        raise ValueError(message + "; pass strict=False to load anyway")
+        raise ValueError(message + "; pass --no-verify-base (strict=False) to load anyway")
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
