@@ -104,7 +104,8 @@ def test_run_folder_config_and_resume(tmp_path):
     assert resumed["best_step"] == whole["best_step"]
     assert ((tmp_path / "whole" / "weights.json").read_text()
             == (tmp_path / "crashed" / "weights.json").read_text())
-    with pytest.raises(ValueError, match=r"differ .*\(finetune\.lr, finetune\.seed\)"):
+    with pytest.raises(ValueError, match=r"cannot change finetune\.lr: run 0\.01, now 0\.5; "
+                                         r"finetune\.seed: run 0, now 3"):
         pipeline.run_finetune(TinyBackend(), settings(lr=0.5, seed=3), tmp_path / "crashed",
                               resume=True)
 

@@ -75,7 +75,7 @@ def test_resume_refuses_a_run_with_other_settings(tiny_base_run, tmp_path, capsy
     capsys.readouterr()
     assert main([*flags, "--resume", "--lr", "0.05"]) == 1
     err = capsys.readouterr().err
-    assert "differ from the run's config.json" in err
+    assert "cannot change finetune.lr: run 0.01, now 0.05" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
