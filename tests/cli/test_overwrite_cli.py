@@ -133,3 +133,25 @@ def test_merge_overwrite_killed_at_random_moments_leaves_old_or_new(tiny_base_ru
         assert snapshot(out) in outputs.values()
         load_model(out)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("kind", ["minigpt", "hf"])
+@pytest.mark.parametrize("bad", [["--batch-size", "100000"], ["--targets", "nothing_here"],
+                                 ["--rank", "0"]])
+def test_a_refused_run_leaves_no_folder_and_the_corrected_command_runs(kind, bad, tiny_base_run,
+                                                                       toy_hf_model, tmp_path,
+                                                                       capsys):
+    from hf_helpers import write_data
+
+    if kind == "hf":
+        model = ["--model", f"hf:{toy_hf_model('gpt2')}", "--data",
+                 str(write_data(tmp_path / "data.jsonl"))]
+    else:
+        model = ["--base", str(tiny_base_run)]
+    out = tmp_path / "run"
+    command = ["finetune", *model, "--out", str(out), "--steps", "2", "--batch-size", "4",
+               "--eval-every", "2", "--checkpoint-every", "2"]
+    code = main([*command, *bad])
+    one_line_error(capsys, code)
+    assert not out.exists()
+    assert main(command) == 0

@@ -111,3 +111,23 @@ def test_resume_may_change_threads_and_a_larger_step_count_only(tmp_path):
                                          r"\(a resume may change only threads"):
         resume_state(run, changed(lr=0.1))
     assert resume_state(run, changed(steps=40, threads=2)) is None  # no checkpoint yet
+
+
+def test_a_failed_pretraining_run_is_replaced_by_a_retry_with_another_lr(tmp_path):
+    from minituner.course.pretraining import run_pretraining
+    from minituner.training.config import PretrainConfig
+
+    out = tmp_path / "base"
+
+    def diverge(record):
+        if record["step"] == 4:
+            raise ValueError("loss is inf at step 4")
+
+    cfg = PretrainConfig(steps=6, eval_every=3, batch_size=8, seed=1)
+    with pytest.raises(ValueError, match="inf"):
+        run_pretraining(out, cfg, on_step=diverge)
+    assert run_status(out) == "failed"
+    results = run_pretraining(out, PretrainConfig(steps=6, eval_every=3, batch_size=8, seed=1,
+                                                  lr=1e-3))
+    assert results["steps"] == 6 and run_status(out) == "finished"
+    assert not (out / "failed.json").exists()

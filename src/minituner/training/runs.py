@@ -128,11 +128,21 @@ def run_status(out_dir: str | Path) -> str | None:
         config = read_json(out / CONFIG_FILE)
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or config.get("kind") not in RUN_KINDS:
+    if not _is_run_config(config):
         return None
     if (out / RESULTS_FILE).is_file() or config.get("kind") == "merged":
         return "finished"
     return "failed" if (out / FAILED_FILE).is_file() else "unfinished"
+
+
+def _is_run_config(config: Any) -> bool:
+    """A config.json minituner wrote: a known kind, or the pipeline's "format" with any backend's
+    kind."""
+    if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
+        return False
+    version = config.get("format")
+    return config["kind"] in RUN_KINDS or (isinstance(version, int) and not
+                                           isinstance(version, bool))
 
 
 def steps_done(out_dir: str | Path) -> int:
