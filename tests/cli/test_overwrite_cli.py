@@ -155,3 +155,33 @@ def test_a_refused_run_leaves_no_folder_and_the_corrected_command_runs(kind, bad
     one_line_error(capsys, code)
     assert not out.exists()
     assert main(command) == 0
+
+
+def test_hf_merge_overwrite_replaces_only_its_own_output(tmp_path, toy_hf_model, capsys):
+    from hf_helpers import randomize_lora_b
+
+    from minituner.hf.load import base_record, load_quantized_hf_model
+    from minituner.lora import apply_lora
+
+    directory = toy_hf_model("llama")
+    model = apply_lora(load_quantized_hf_model(directory), "all-linear", r=4, alpha=8, seed=0)
+    randomize_lora_b(model)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, extra=base_record(directory, "qlora", torch.float32))
+    before = snapshot(Path(directory))
+    command = ["merge", "--adapter", str(adapter), "--target", "requantized", "--overwrite"]
+    for out, flag in ((Path(directory), "--model"), (Path(directory) / "m", "--model"),
+                      (tmp_path, "--adapter")):
+        code = main([*command, "--out", str(out)])
+        assert f"{flag} " in one_line_error(capsys, code)
+    assert snapshot(Path(directory)) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep")
+    assert "holds thesis.txt" in one_line_error(capsys, main([*command, "--out", str(mine)]))
+    merged = tmp_path / "merged"
+    assert main([*command, "--out", str(merged)]) == 0
+    first = snapshot(merged)
+    assert main([*command, "--out", str(merged)]) == 0  # its own output: replaced
+    assert snapshot(merged) == first and "merge_report.json" in first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
