@@ -128,7 +128,8 @@ def test_bad_inputs_are_one_line_errors(lora_run, tiny_base_run, tmp_path, capsy
     atomic_save_safetensors(other / "model.safetensors", weights)
     assert main(["eval", "--model", str(other), "--adapter", str(lora_run / "adapter")]) == 1
     assert "trained on another base" in one_line_error(capsys)
-    assert main(["finetune", "--base", str(tmp_path), "--out", str(tmp_path / "y")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["finetune", "--base", str(tmp_path / "empty"), "--out", str(tmp_path / "y")]) == 1
     assert "not a model run folder" in one_line_error(capsys)
 
 

@@ -110,7 +110,7 @@ def test_unfinished_run_is_refused_then_resumed_to_the_same_bytes(tmp_path):
     with pytest.raises(FileExistsError, match="unfinished run .*step-000003.*--resume"):
         run_pretraining(out, cfg)
     assert (out / "checkpoints" / "step-000003.pt").is_file()  # the refusal touched nothing
-    with pytest.raises(ValueError, match=r"differ from the run's config.json \(train\)"):
+    with pytest.raises(ValueError, match=r"cannot change train.lr: run 0.003, now 0.01"):
         run_pretraining(out, PretrainConfig(steps=6, eval_every=3, batch_size=8, seed=1, lr=0.01),
                         resume=True)
     resumed = run_pretraining(out, cfg, resume=True)

@@ -71,6 +71,7 @@ def test_two_processes_match_one_and_resume_on_one(tmp_path, toy_hf_model):
     assert results["world_size"] == 2
     # the 2-process run "dies" after its step-2 checkpoint; one process finishes it
     (tmp_path / "two" / "checkpoints" / "step-000004.pt").unlink()
+    (tmp_path / "two" / "results.json").unlink()  # it never finished
     assert main(finetune_command(model_dir, data, tmp_path / "two", "--resume")) == 0
     resumed = json.loads((tmp_path / "two" / "results.json").read_text())
     assert resumed["resumed_from_step"] == 2 and resumed["world_size"] == 1

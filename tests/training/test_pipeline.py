@@ -104,7 +104,8 @@ def test_run_folder_config_and_resume(tmp_path):
     assert resumed["best_step"] == whole["best_step"]
     assert ((tmp_path / "whole" / "weights.json").read_text()
             == (tmp_path / "crashed" / "weights.json").read_text())
-    with pytest.raises(ValueError, match=r"differ .*\(finetune\.lr, finetune\.seed\)"):
+    with pytest.raises(ValueError, match=r"cannot change finetune\.lr: run 0\.01, now 0\.5; "
+                                         r"finetune\.seed: run 0, now 3"):
         pipeline.run_finetune(TinyBackend(), settings(lr=0.5, seed=3), tmp_path / "crashed",
                               resume=True)
 
@@ -117,3 +118,59 @@ def test_a_newer_format_is_refused_by_file_and_field(tmp_path):
     for resume in (True, False):
         with pytest.raises(ValueError, match=r"config\.json: field 'format' is 2"):
             pipeline.run_finetune(TinyBackend(), settings(steps=2), out, resume=resume)
+
+
+def test_a_failed_run_does_not_block_the_corrected_command(tmp_path):
+    out = tmp_path / "run"
+
+    def diverge(record):
+        if record["step"] == 3:
+            raise ValueError("loss is nan at step 3")
+
+    with pytest.raises(ValueError, match="nan"):
+        pipeline.run_finetune(TinyBackend(), settings(lr=50.0), out, on_step=diverge)
+    failed = json.loads((out / "failed.json").read_text())
+    assert failed == {"error": "ValueError: loss is nan at step 3", "steps_done": 2}
+    retried = pipeline.run_finetune(TinyBackend(), settings(lr=5e-3), out)  # no --overwrite
+    assert retried["steps"] == 6 and not (out / "failed.json").exists()
+    assert json.loads((out / "config.json").read_text())["finetune"]["lr"] == 5e-3
+    with pytest.raises(ValueError, match="nan"):  # the same command again after a failure
+        pipeline.run_finetune(TinyBackend(), settings(lr=50.0), tmp_path / "same",
+                              on_step=diverge)
+    assert pipeline.run_finetune(TinyBackend(), settings(lr=50.0), tmp_path / "same")
+
+
+def test_a_refused_setting_leaves_no_folder(tmp_path):
+    class Refusing(TinyBackend):
+        def build_trainable(self, cfg):
+            raise ValueError("--targets: no layer matches 'nothing'")
+
+    with pytest.raises(ValueError, match="--targets"):
+        pipeline.run_finetune(Refusing(), settings(), tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_may_raise_the_step_count_and_recomputes_the_schedule(tmp_path):
+    def crash(record):
+        if record["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # killed: not marked failed, resumable
+        pipeline.run_finetune(TinyBackend(), settings(), tmp_path / "run", on_step=crash)
+    assert not (tmp_path / "run" / "failed.json").exists()
+    with pytest.raises(ValueError, match=r"cannot change finetune\.steps: run 6, now 3"):
+        pipeline.run_finetune(TinyBackend(), settings(steps=3), tmp_path / "run", resume=True)
+    started = []
+    pipeline.run_finetune(TinyBackend(), settings(steps=10), tmp_path / "run", resume=True,
+                          on_start=started.append)
+    assert started[0]["resumed_from"] == 4 and started[0]["steps"] == 10
+    planned = pipeline.run_finetune(TinyBackend(), settings(steps=10), tmp_path / "planned")
+    assert planned["steps"] == 10
+
+    def lrs(name):
+        lines = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
+        return [json.loads(line)["lr"] for line in lines]
+
+    extended, whole = lrs("run"), lrs("planned")
+    assert len(extended) == 10 and extended[4:] == whole[4:]  # the 10-step schedule from step 5
+    assert extended[:4] != whole[:4]  # steps 1-4 ran on the 6-step schedule

@@ -54,6 +54,8 @@ def test_sigkill_then_resume_gives_the_same_adapter(tiny_base_run, tmp_path):
     resumed = subprocess.run(command(tiny_base_run, killed, "--resume"), env=environment(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {read_json(killed / 'results.json')['resumed_from_step']} of " \
+        f"{STEPS}" in resumed.stdout
     results = read_json(killed / "results.json")
     assert results["resumed_from_step"] >= kill_after
     assert len((killed / "train_log.jsonl").read_text().splitlines()) == STEPS
@@ -75,7 +77,7 @@ def test_resume_refuses_a_run_with_other_settings(tiny_base_run, tmp_path, capsy
     capsys.readouterr()
     assert main([*flags, "--resume", "--lr", "0.05"]) == 1
     err = capsys.readouterr().err
-    assert "differ from the run's config.json" in err
+    assert "cannot change finetune.lr: run 0.01, now 0.05" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -113,7 +115,9 @@ def test_pretraining_sigkilled_then_resumed_gives_the_same_bytes(tmp_path):
     again = subprocess.run(pretrain_command(killed, config), env=environment(),
                            capture_output=True, text=True)
     assert again.returncode == 1
-    assert "unfinished run" in again.stderr and "--resume" in again.stderr
+    assert "unfinished run" in again.stderr
+    assert (f"{stopped_at} steps done; pass --resume to continue or --overwrite to start over"
+            in again.stderr)
     assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
     assert checkpoint_steps(killed)[-1][0] == stopped_at  # the refused run touched nothing
 
@@ -123,9 +127,46 @@ def test_pretraining_sigkilled_then_resumed_gives_the_same_bytes(tmp_path):
     resumed = subprocess.run(pretrain_command(killed, config, "--resume"), env=environment(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {stopped_at} of {PRETRAIN_STEPS}" in resumed.stdout
     results = read_json(killed / "results.json")
     assert results["resumed_from_step"] == stopped_at >= kill_after
     assert len((killed / "train_log.jsonl").read_text().splitlines()) == PRETRAIN_STEPS
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
     assert results["val_loss"] == read_json(whole / "results.json")["val_loss"]
+    finished = snapshot(killed)
+    complete = subprocess.run(pretrain_command(killed, config, "--resume"), env=environment(),
+                              capture_output=True, text=True)
+    assert complete.returncode == 0 and "the run is complete (60 steps)" in complete.stdout
+    assert snapshot(killed) == finished  # it did nothing else
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_finetune_refuses_a_killed_run_then_resumes_and_says_when_complete(tiny_base_run,
+                                                                           tmp_path, capsys):
+    from minituner.cli import main
+
+    out = tmp_path / "run"
+    flags = ["finetune", "--base", str(tiny_base_run), "--out", str(out), "--steps", "4",
+             "--batch-size", "8", "--checkpoint-every", "2", "--eval-every", "2"]
+    assert main(flags) == 0
+    whole = read_json(out / "results.json")
+    (out / "results.json").unlink()  # killed after its step-4 checkpoint, before the end
+    (out / "checkpoints" / "step-000004.pt").unlink()
+    capsys.readouterr()
+    assert main(flags) == 1
+    err = capsys.readouterr().err
+    assert "2 steps done; pass --resume to continue or --overwrite to start over" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (out / "checkpoints" / "step-000002.pt").is_file()  # the refusal touched nothing
+    assert main([*flags, "--resume", "--threads", "2"]) == 0  # threads may change
+    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    assert read_json(out / "results.json")["best_val_loss"] == whole["best_val_loss"]
+    before = snapshot(out)
+    assert main([*flags, "--resume"]) == 0
+    assert "the run is complete (4 steps); nothing to resume" in capsys.readouterr().out
+    assert snapshot(out) == before

@@ -58,13 +58,40 @@ def run(args) -> int:
     return run_minigpt(args, cfg)
 
 
+def resume_line(info: dict) -> str | None:
+    """"resuming from step N of M" for a resumed run, else None."""
+    if info.get("resumed_from") is None:
+        return None
+    return f"resuming from step {info['resumed_from']} of {info['steps']}"
+
+
+def print_complete(results: dict, out: str) -> None:
+    """What --resume of a finished run says (it trains nothing)."""
+    print(f"{out}: the run is complete ({results.get('steps')} steps); nothing to resume "
+          "(--overwrite starts over)")
+
+
 def run_minigpt(args, cfg) -> int:
     """Fine-tune a Mini-GPT base run and print its headline numbers."""
-    from minituner.course.finetune import run_with_progress
+    from minituner.course.finetune import run_finetune
 
     progress = Progress(f"{cfg.method} r={cfg.rank}" if cfg.method != "full" else "full")
-    results = run_with_progress(cfg.model, args.out, cfg, progress, resume=args.resume,
-                                overwrite=args.overwrite)
+
+    def on_start(info: dict) -> None:
+        line = resume_line(info)
+        if line:
+            print(line, flush=True)
+        progress.start(info["steps"])
+
+    try:
+        results = run_finetune(cfg.model, args.out, cfg, resume=args.resume,
+                               overwrite=args.overwrite, on_start=on_start,
+                               on_step=progress.on_step)
+    finally:
+        progress.close()
+    if results.get("already_complete"):
+        print_complete(results, args.out)
+        return 0
     print_headline(results, args.out)
     if "qlora" in results:
         diff = results["qlora"]["logit_difference"]
@@ -95,6 +122,9 @@ def run_hf(args, cfg) -> int:
               f"{dtype_name(info['dtype'])} (--dtype {cfg.dtype}), processes "
               f"{info['dist'].world_size}, global batch {cfg.batch_size}, method {cfg.method} "
               f"r={cfg.rank}, lr {cfg.lr:g}, steps {info['steps']}", flush=True)
+        line = resume_line(info)
+        if line:
+            print(line, flush=True)
         if data.train.truncated:
             lines = data.train.truncated
             print(f"warning: {len(lines)} training example(s) longer than {data.max_len} tokens "
@@ -115,6 +145,9 @@ def run_hf(args, cfg) -> int:
     finally:
         progress.close()
         shutdown_distributed()
+    if results.get("already_complete"):
+        print_complete(results, args.out)
+        return 0
     if state["main"]:
         best = results["best_val_loss"]
         print(f"{cfg.method} r={cfg.rank}: {results['steps']} steps in {results['wall_s']:.1f} s"

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--target", choices=("dequantized", "requantized"), default=None,
                         help="dequantized (default) or requantized")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out that minituner wrote (atomically)")
     add_hf_merge_flags(parser)  # --device for transformers models
     parser.set_defaults(func=run)
 
@@ -69,11 +70,12 @@ def merge_minigpt(args) -> dict:
 
     from minituner.course.loading import load_run
     from minituner.lora import merge_and_unload, merge_lora
-    from minituner.training.runs import prepare_run_dir, save_model, write_config
-    from minituner.util.files import atomic_write_json
+    from minituner.training.runs import check_replaceable, prepare_run_dir, save_model, write_config
+    from minituner.util.files import atomic_directory, atomic_write_json, check_out_apart
 
     if args.model is None:
         raise ValueError("--model: give the Mini-GPT run folder (or hf:DIR)")
+    check_out_apart(args.out, {"--model": args.model, "--adapter": args.adapter})
     model, tokenizer, description = load_run(args.model, args.adapter,
                                              verify_base=verify_base(args))
     probe = torch.randint(0, model.config.vocab_size, (8, model.config.context_len),
@@ -87,10 +89,14 @@ def merge_minigpt(args) -> dict:
               "merge": {"target": report.target, "n_layers": report.n_layers,
                         "max_abs_diff": report.max_abs_diff,
                         "mean_abs_diff": report.mean_abs_diff}}
-    prepare_run_dir(args.out, config, overwrite=args.overwrite)
-    save_model(args.out, model, tokenizer)
-    write_config(args.out, config)
-    atomic_write_json(f"{args.out}/merge_report.json", config["merge"])
+    if args.overwrite:
+        check_replaceable(args.out)  # only a folder minituner wrote
+    else:
+        prepare_run_dir(args.out, config)  # refuses a folder holding anything else
+    with atomic_directory(args.out) as staging:  # the old output stays until the new is whole
+        save_model(staging, model, tokenizer)
+        write_config(staging, config)
+        atomic_write_json(staging / "merge_report.json", config["merge"])
     return config["merge"]
 
 

@@ -71,9 +71,13 @@ def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool =
             shown["val_ppl"] = f"{record['val_ppl']:.3f}"
         bar.set_postfix(shown, refresh=False)
 
+    def on_start(info: dict) -> None:
+        if info["resumed_from"] is not None:
+            print(f"resuming from step {info['resumed_from']} of {info['steps']}", flush=True)
+
     try:
         return run_pretraining(out, cfg, overwrite=overwrite, reuse=reuse, on_step=on_step,
-                               resume=resume)
+                               resume=resume, on_start=on_start)
     finally:
         for bar in bars:
             bar.close()
@@ -83,6 +87,10 @@ def run(args) -> int:
     """Pretrain and print the validation perplexity and wall time."""
     cfg = pretrain_config_from_args(args)
     results = pretrain_with_progress(args.out, cfg, overwrite=args.overwrite, resume=args.resume)
+    if args.resume and results.get("already_complete"):
+        print(f"{args.out}: the run is complete ({results['steps']} steps); nothing to resume "
+              "(--overwrite starts over)")
+        return 0
     print(
         f"pretrained {results['params']:,} parameters in {results['wall_s']:.1f} s: "
         f"validation perplexity {results['val_ppl']:.3f}, test {results['test_ppl']:.3f} "

@@ -11,7 +11,7 @@ from pathlib import Path
 from minituner.course import corpus
 from minituner.models.minigpt import MiniGPT, MiniGPTConfig
 from minituner.models.tokenizer import Tokenizer, train_tokenizer
-from minituner.training.checkpoint import RunWriter, latest_checkpoint
+from minituner.training.checkpoint import RunWriter
 from minituner.training.config import PretrainConfig
 from minituner.training.evaluation import evaluate_loss
 from minituner.training.loop import pretrain, seed_everything
@@ -19,6 +19,7 @@ from minituner.training.runs import (
     CONFIG_FILE,
     clear_checkpoints,
     is_complete_model_run,
+    mark_failed,
     prepare_run_dir,
     resume_state,
     save_model,
@@ -81,6 +82,7 @@ def run_pretraining(
     reuse: bool = False,
     on_step: Callable[[dict], None] | None = None,
     resume: bool = False,
+    on_start: Callable[[dict], None] | None = None,
 ) -> dict:
     """Pretrain a Mini-GPT into a run folder and return its results.
 
@@ -88,7 +90,10 @@ def run_pretraining(
     unfinished run is refused unless ``resume`` (continue from its last checkpoint; a run whose
     config or data differ is refused by name) or ``overwrite``. With ``reuse`` (the demo's
     cache), a complete run with the same config and data hashes is kept as is and an
-    unfinished one is resumed.
+    unfinished one is resumed. ``resume`` on a finished run trains nothing and returns its
+    results with ``"already_complete": True``; ``on_start({"steps", "resumed_from"})`` is
+    called before training. The folder rules are :func:`minituner.training.runs.prepare_run_dir`'s
+    (a failed run is replaced by the corrected command).
     """
     train_cfg.validate()
     model_cfg = model_cfg or MiniGPTConfig()
@@ -100,8 +105,8 @@ def run_pretraining(
         check_batch_size(staging, train_cfg.batch_size)
         config = pretrain_run_config(model_cfg, train_cfg, corpus_hashes(staging))
         same_run = _holds_run(out, config)
-        if reuse and same_run and _is_finished(out):
-            return {**read_json(out / "results.json"), "reused": True}
+        if (reuse or resume) and same_run and _is_finished(out):
+            return {**read_json(out / "results.json"), "reused": True, "already_complete": True}
         tokenizer = Tokenizer.load(staging / "tokenizer.json")
         if tokenizer.vocab_size != model_cfg.vocab_size:
             raise ValueError(f"model vocab_size {model_cfg.vocab_size} != tokenizer size "
@@ -109,17 +114,20 @@ def run_pretraining(
         resuming = resume or (reuse and same_run)
         checkpoint = resume_state(out, config) if resuming else None
         if checkpoint is None:
-            if not (resuming or overwrite):
-                _refuse_unfinished(out)
             prepare_run_dir(out, config, overwrite=overwrite)
             clear_checkpoints(out)
-            (out / "results.json").unlink(missing_ok=True)
         _remove_tree(out / CORPUS_DIR)
         staging.rename(out / CORPUS_DIR)
     finally:
         _remove_tree(staging)
     write_config(out, config)
-    return _train(out, config, train_cfg, model_cfg, tokenizer, checkpoint, on_step, started)
+    if on_start is not None:
+        on_start({"steps": train_cfg.steps, "resumed_from": checkpoint and checkpoint["step"]})
+    try:
+        return _train(out, config, train_cfg, model_cfg, tokenizer, checkpoint, on_step, started)
+    except Exception as exc:
+        mark_failed(out, exc)
+        raise
 
 
 def _train(out: Path, config: dict, train_cfg: PretrainConfig, model_cfg: MiniGPTConfig,
@@ -168,15 +176,6 @@ def _holds_run(out: Path, config: dict) -> bool:
 def _is_finished(out: Path) -> bool:
     """True when the run in ``out`` wrote its weights and results (results.json comes last)."""
     return is_complete_model_run(out) and (out / "results.json").is_file()
-
-
-def _refuse_unfinished(out: Path) -> None:
-    """Refuse to start again over a run that was stopped before it finished."""
-    if (out / CONFIG_FILE).is_file() and not _is_finished(out):
-        last = latest_checkpoint(out)
-        where = f" (last checkpoint {last.name})" if last else ""
-        raise FileExistsError(f"{out}: holds an unfinished run{where}; pass --resume to continue "
-                              "it or --overwrite to start again")
 
 
 def _remove_tree(path: Path) -> None:

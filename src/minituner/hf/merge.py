@@ -32,7 +32,7 @@ from minituner.hf.load import (
     quantize_loaded_model,
     recorded_base_dir,
 )
-from minituner.hf.models import context_length, load_hf_model, load_hf_tokenizer
+from minituner.hf.models import context_length, hf_dir, load_hf_model, load_hf_tokenizer
 from minituner.hf.save import save_hf_model
 from minituner.lora import (
     lora_layers,
@@ -46,7 +46,8 @@ from minituner.lora.adapters import CONFIG_NAME, load_adapter
 from minituner.lora.merge import check_finite
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.qlora import MERGE_TARGETS, QuantizedLinear, parse_quant_scheme
-from minituner.util.files import atomic_write_json, read_json
+from minituner.training.runs import check_replaceable
+from minituner.util.files import atomic_directory, atomic_write_json, check_out_apart, read_json
 
 
 def recorded_hf_base(adapter_dir: str | os.PathLike) -> dict | None:
@@ -135,15 +136,25 @@ def _merge(model: nn.Module, target: str, record: dict) -> nn.Module:
 def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str | None = None,
                      device: str | torch.device = "cpu", overwrite: bool = False,
                      strict: bool = True, allow_pickle: bool = False) -> dict:
-    """Merge ``adapter_dir`` into its base and write ``out_dir``; returns the merge report."""
+    """Merge ``adapter_dir`` into its base and write ``out_dir``; returns the merge report.
+
+    ``out_dir`` may not overlap the base or the adapter; ``overwrite`` replaces only a folder
+    minituner wrote, and atomically: the directory and its report are built next to it and
+    swapped in (a kill leaves the old output or the new one).
+    """
     target = target or "dequantized"
     if target not in MERGE_TARGETS:
         raise ValueError(f"--target must be one of {list(MERGE_TARGETS)}, got {target!r}")
     record = adapter_base_record(adapter_dir, model_spec)
     path = model_spec if model_spec is not None else record["path"]
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: folder is not empty (pass --overwrite to replace it)")
+    check_out_apart(out, {"--model": hf_dir(path), "--adapter": adapter_dir})
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: --out exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: folder is not empty (pass --overwrite to replace it)")
+        check_replaceable(out)
     base = load_base(record, device=device, path=path, allow_pickle=allow_pickle)
     model = load_adapter(base, adapter_dir, strict=strict)
     tokens = probe_tokens(model.config.vocab_size, context_length(model.config))
@@ -153,8 +164,16 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
     in_memory = _drift(before, _logits(merged, tokens))
     check_finite(merged.state_dict().items(), f"merge of {adapter_dir}")
     tokenizer = load_hf_tokenizer(path)
-    save_hf_model(merged, out, tokenizer=tokenizer, overwrite=overwrite)
-    reloaded = _drift(before, _logits(_reload(out, target, device), tokens))
+    with atomic_directory(out) as staging:
+        save_hf_model(merged, staging, tokenizer=tokenizer)
+        reloaded = _drift(before, _logits(_reload(staging, target, device), tokens))
+        report = _report(target, n_layers, record, adapter_dir, out, tokens, in_memory, reloaded)
+        atomic_write_json(staging / "merge_report.json", report)
+    return report
+
+
+def _report(target: str, n_layers: int, record: dict, adapter_dir, out: Path,
+            tokens: torch.Tensor, in_memory: dict, reloaded: dict) -> dict:
     report = {
         "target": target, "n_layers": n_layers, "base": record, "adapter": str(adapter_dir),
         "output": str(out), "probe": {"shape": list(tokens.shape), "seed": 0},
@@ -163,7 +182,6 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
                  "tokens; 'dequantized' should be float rounding, 'requantized' re-rounds "
                  "every weight to NF4"),
     }
-    atomic_write_json(out / "merge_report.json", report)
     return report
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from minituner.training import distributed as D
 from minituner.training.checkpoint import RunWriter
-from minituner.training.config import FinetuneConfig
+from minituner.training.config import HF_PREFIX, FinetuneConfig
 from minituner.training.loop import (
     FitResult,
     LoopConfig,
@@ -34,9 +34,23 @@ from minituner.training.loop import (
     seed_everything,
     total_steps,
 )
-from minituner.training.runs import RUN_FORMAT, clear_checkpoints, prepare_run_dir, resume_state
+from minituner.training.runs import (
+    RESULTS_FILE,
+    RUN_FORMAT,
+    clear_checkpoints,
+    mark_failed,
+    prepare_run_dir,
+    resume_state,
+    run_status,
+)
 from minituner.training.sampling import MixedBatches
-from minituner.util.files import atomic_write_json, peak_rss_bytes, run_manifest
+from minituner.util.files import (
+    atomic_write_json,
+    check_out_apart,
+    peak_rss_bytes,
+    read_json,
+    run_manifest,
+)
 from minituner.util.jsonl import write_jsonl
 from minituner.util.plots import plot_loss
 
@@ -130,6 +144,14 @@ def _start_run_folder(out: Path, config: dict, prepared: Prepared, fresh: bool,
     _write_data(out, prepared)
 
 
+def check_inputs_apart(cfg: FinetuneConfig, out_dir) -> None:
+    """Refuse an ``out_dir`` equal to, inside or containing the base model or the data."""
+    base_flag = "--model" if cfg.kind == "hf" else "--base"
+    base = cfg.model.removeprefix(HF_PREFIX) if isinstance(cfg.model, str) else None
+    check_out_apart(out_dir, {base_flag: base or None, "--train-data": cfg.train_data,
+                              "--val-data": cfg.val_data})
+
+
 def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume: bool = False,
                  overwrite: bool = False, on_step: Callable[[dict], None] | None = None,
                  on_start: Callable[[dict], None] | None = None,
@@ -138,17 +160,22 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
 
     ``on_start(info)`` gets {"steps", "resumed_from", ...backend.start_info()} before training,
     ``on_step(record)`` each step's log record (the library never prints);
-    ``writer_enabled=False`` makes this process write nothing.
+    ``writer_enabled=False`` makes this process write nothing. ``resume`` on a finished run
+    trains nothing and returns its results.json with ``"already_complete": True``. A run that
+    stops on an error is marked failed (``failed.json``), so the corrected command replaces it.
     """
     started = time.perf_counter()
     cfg.validate()
     out = Path(out_dir)
+    check_inputs_apart(cfg, out)
     info = backend.setup(cfg)
     prepared = backend.prepare(cfg)
     config = run_config(backend, cfg, prepared)
     D.barrier()  # every process reads the folder's old config before rank 0 touches it
     checkpoint = resume_state(out, config) if resume else None
     D.barrier()
+    if resume and run_status(out) == "finished":
+        return {**read_json(out / RESULTS_FILE), "already_complete": True}
     backend.evaluate_before(cfg)
     seed_everything(cfg.seed)
     # Everything that can still reject a setting (targets, rank 0, the batch split) runs
@@ -176,9 +203,14 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
 
     loop = LoopConfig(steps=steps, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                       eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every)
-    result = fit(model, loss_fn, batches, optimizer, scheduler, loop,
-                 evaluate=backend.validator(cfg, prepared), writer=writer, on_step=step_hook,
-                 resume=checkpoint, reduce_count=D.reduce_count, reduce_loss=D.reduce_float)
+    try:
+        result = fit(model, loss_fn, batches, optimizer, scheduler, loop,
+                     evaluate=backend.validator(cfg, prepared), writer=writer,
+                     on_step=step_hook, resume=checkpoint, reduce_count=D.reduce_count,
+                     reduce_loss=D.reduce_float)
+    except Exception as exc:
+        writer.write(mark_failed, out, exc)
+        raise
     results = backend.results(cfg, TrainedRun(model, optimizer, loss_fn, batches, result, steps,
                                               info))
     writer.write(backend.save, cfg, model, out)

@@ -3,13 +3,32 @@
 A model run folder holds ``config.json`` (with ``"kind"`` and the model config),
 ``manifest.json``, ``train_log.jsonl``, ``loss.png``, ``model.safetensors`` and
 ``tokenizer.json``. Writing into a folder that holds a different run is refused unless the
-caller asks to overwrite.
+caller asks to overwrite, and ``overwrite`` replaces only a folder minituner wrote
+(:func:`minituner_folder`); a folder holding anything else is refused, naming what it holds.
+
+A run is *finished* when it wrote ``results.json`` (a merged run: its config.json, written
+last), *failed* when training stopped on an error (``failed.json``), *unfinished* otherwise.
+Starting a run over a folder:
+
+- the same run, unfinished with checkpoints: refused ("N steps done; pass --resume to continue
+  or --overwrite to start over");
+- a failed run is replaced by any run without --overwrite (a retry with another --lr): it
+  holds nothing to keep; every check that can refuse a run runs before its folder is made;
+- any other different run needs --overwrite.
+
+What a ``--resume`` may change (everything else is refused naming the settings and both
+values), :data:`RESUME_MAY_CHANGE`: the thread count, the process count and the device (they
+are not part of config.json), and a larger ``steps`` or ``epochs``. With a larger total the
+learning-rate schedule is recomputed for the new total (warmup and cosine decay as if the run
+had been planned that long; the resumed step continues on that curve), so such a run no
+longer equals an uninterrupted run of either length.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,12 +45,21 @@ from minituner.util.files import (
     atomic_write_json,
     load_safetensors,
     read_json,
+    recover_directory,
+    remove_directory,
 )
 
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 RUN_FORMAT = 1  # config.json "format" of the run folders this version writes and reads
+RESULTS_FILE = "results.json"
+FAILED_FILE = "failed.json"  # written when training stops on an error
+RUN_KINDS = ("pretrain", "finetune", "finetune-hf", "merged")  # config.json "kind"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MERGED_MARKERS = ("merge_report.json",)  # a merged transformers directory
+RESUME_MAY_CHANGE = ("threads", "process count", "device", "a larger steps or epochs")
+_GROWABLE = ("steps", "epochs")  # a resume may raise these (the schedule is recomputed)
 
 
 def check_run_format(config: dict, path: str | Path) -> dict:
@@ -52,34 +80,132 @@ def resume_identity(config: dict) -> dict:
 
 def resume_state(out_dir: str | Path, config: dict) -> dict | None:
     """The latest checkpoint of the run in ``out_dir`` when its config.json matches ``config``
-    (a ValueError naming the settings that differ otherwise); None when there is none yet."""
+    up to :data:`RESUME_MAY_CHANGE` (a ValueError naming each other setting that differs, with
+    both values); None when there is none yet."""
     out = Path(out_dir)
     if not (out / CONFIG_FILE).is_file():
         return None
     old = check_run_format(read_json(out / CONFIG_FILE, "run config"), out / CONFIG_FILE)
-    if resume_identity(old) != resume_identity(config):
-        raise ValueError(f"{out}: --resume with settings or data that differ from the run's "
-                         f"config.json ({', '.join(_differences(old, config))})")
+    differences = resume_differences(old, config)
+    if differences:
+        shown = "; ".join(f"{name}: run {a!r}, now {b!r}" for name, a, b in differences[:4])
+        raise ValueError(f"{out}: --resume cannot change {shown} (a resume may change only "
+                         f"{', '.join(RESUME_MAY_CHANGE)}; --overwrite starts over)")
     path = latest_checkpoint(out)
     return load_checkpoint(path) if path else None
 
 
-def _differences(old: dict, new: dict) -> list:
-    """Names of the settings (``finetune.lr``) or sections that differ."""
-    old, new = resume_identity(old), resume_identity(new)
-    names = []
-    for key in sorted(set(old) | set(new)):
+def resume_differences(old: dict, new: dict) -> list:
+    """(setting, run's value, new value) of every difference a --resume may not make."""
+    found = []
+    for key in sorted(set(old) | set(new), key=str):
         a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key == "finetune":
-            names += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            names.append(key)
-    return names
+        if isinstance(a, dict) and isinstance(b, dict) and key in ("finetune", "train"):
+            for name in sorted(set(a) | set(b)):
+                if not _may_change(name, a.get(name), b.get(name)):
+                    found.append((f"{key}.{name}", a.get(name), b.get(name)))
+        elif a != b and key not in ("created", "wall_s"):
+            found.append((key, _short(a), _short(b)))
+    return found
+
+
+def _may_change(name: str, old: Any, new: Any) -> bool:
+    if old == new or name in RUNTIME_FIELDS:
+        return True
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
+    return name in _GROWABLE and numbers and new > old
+
+
+def _short(value: Any) -> Any:
+    """A value short enough for a one-line error (a whole section becomes its type name)."""
+    return value if not isinstance(value, dict | list) else f"<{type(value).__name__}>"
+
+
+def run_status(out_dir: str | Path) -> str | None:
+    """'finished', 'failed' or 'unfinished' for a run folder; None for no run."""
+    out = Path(out_dir)
+    try:
+        config = read_json(out / CONFIG_FILE)
+    except (OSError, ValueError):
+        return None
+    if not _is_run_config(config):
+        return None
+    if (out / RESULTS_FILE).is_file() or config.get("kind") == "merged":
+        return "finished"
+    return "failed" if (out / FAILED_FILE).is_file() else "unfinished"
+
+
+def _is_run_config(config: Any) -> bool:
+    """A config.json minituner wrote: a known kind, or the pipeline's "format" with any backend's
+    kind."""
+    if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
+        return False
+    version = config.get("format")
+    return config["kind"] in RUN_KINDS or (isinstance(version, int) and not
+                                           isinstance(version, bool))
+
+
+def steps_done(out_dir: str | Path) -> int:
+    """Steps an unfinished run saved in its newest checkpoint (0 without one)."""
+    path = latest_checkpoint(out_dir)
+    return int(path.name[len("step-"):-len(".pt")]) if path else 0
+
+
+def refuse_unfinished(out_dir: str | Path) -> None:
+    """Refuse to start again over an unfinished run that has checkpoints (FileExistsError)."""
+    out = Path(out_dir)
+    last = latest_checkpoint(out)
+    if run_status(out) == "unfinished" and last is not None:
+        raise FileExistsError(f"{out}: unfinished run (last checkpoint {last.name}): "
+                              f"{steps_done(out)} steps done; pass --resume to continue or "
+                              "--overwrite to start over")
+
+
+def mark_failed(out_dir: str | Path, error: BaseException) -> None:
+    """Record that a run stopped on ``error``, so the corrected command may replace it."""
+    atomic_write_json(Path(out_dir) / FAILED_FILE,
+                      {"error": f"{type(error).__name__}: {error}"[:500],
+                       "steps_done": steps_done(out_dir)})
+
+
+def minituner_folder(path: str | Path) -> str | None:
+    """What minituner output a folder holds ('run folder (kind finetune)', 'adapter folder',
+    'merged model folder'), or None when minituner did not write it."""
+    folder = Path(path)
+    status = run_status(folder)
+    if status is not None:
+        kind = read_json(folder / CONFIG_FILE).get("kind")
+        return f"{status} run folder (kind {kind})"
+    if all((folder / name).is_file() for name in ADAPTER_FILES):
+        return "adapter folder"
+    if any((folder / name).is_file() for name in MERGED_MARKERS):
+        return "merged model folder"
+    return None
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Refuse to replace ``path`` unless it is empty, missing or a folder minituner wrote."""
+    out = Path(path)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out}: --out is a file, not a folder minituner wrote; "
+                              "--overwrite will not replace it")
+    names = sorted(p.name for p in out.iterdir())
+    if names and minituner_folder(out) is None:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise FileExistsError(f"{out}: holds {shown}, not a run, adapter or merged model "
+                              "minituner wrote; --overwrite replaces only those: choose another "
+                              "--out")
 
 
 def clear_checkpoints(out_dir: str | Path) -> None:
-    """Remove a run folder's checkpoints (a fresh run in a reused folder)."""
-    shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)
+    """Remove a run folder's checkpoints, results and failure mark (a fresh run in a reused
+    folder: until it finishes, the folder is an unfinished run)."""
+    out = Path(out_dir)
+    (out / RESULTS_FILE).unlink(missing_ok=True)
+    (out / FAILED_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def load_base_run(base_dir: str | Path) -> tuple:
@@ -99,28 +225,38 @@ def run_identity(config: dict) -> dict:
 
 
 def prepare_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) -> Path:
-    """Create ``out_dir`` for a run, refusing one that holds a different run."""
+    """Create ``out_dir`` for a run, refusing one that holds something else (module docstring:
+    the rules); with ``overwrite`` an old minituner folder is removed (atomically)."""
     out = Path(out_dir)
+    recover_directory(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out exists and is not a folder")
-    existing = out / CONFIG_FILE
-    if existing.is_file() and not overwrite:
-        try:
-            old = read_json(existing)
-        except ValueError:
-            old = None
-        if old is not None:
-            check_run_format(old, existing)
-        if old is None or run_identity(old) != run_identity(config):
-            raise FileExistsError(
-                f"{out}: already holds a different run (pass --overwrite to replace it)"
-            )
-    elif out.is_dir() and any(out.iterdir()) and not existing.is_file() and not overwrite:
-        raise FileExistsError(f"{out}: folder is not empty and holds no run (use --overwrite)")
-    if overwrite and out.is_dir():
-        shutil.rmtree(out)
+    if overwrite:
+        check_replaceable(out)
+        remove_directory(out)
+    elif out.is_dir() and any(out.iterdir()):
+        _check_reusable(out, config)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _check_reusable(out: Path, config: dict) -> None:
+    """Refuse (without --overwrite) a folder that holds something a new run would destroy."""
+    existing = out / CONFIG_FILE
+    status = run_status(out)
+    if status is None:
+        if existing.is_file():  # a config.json minituner cannot read: say why
+            check_run_format(read_json(existing), existing)
+        check_replaceable(out)  # names what the folder holds
+        raise FileExistsError(f"{out}: folder is not empty and holds no run (use --overwrite)")
+    old = check_run_format(read_json(existing), existing)
+    if run_identity(old) == run_identity(config):
+        refuse_unfinished(out)
+        return
+    if status == "failed":
+        remove_directory(out)  # a run that stopped on an error holds nothing to keep
+        return
+    raise FileExistsError(f"{out}: already holds a different run (pass --overwrite to replace it)")
 
 
 def is_complete_model_run(run_dir: str | Path) -> bool:

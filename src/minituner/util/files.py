@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -52,20 +53,130 @@ def _write_error(path: Path, exc: Exception) -> OSError:
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Build a directory in a staging folder next to ``path`` (yielded); on success it replaces
-    ``path`` (an old folder there is removed), on error it is removed and ``path`` is untouched.
+    ``path``, on error it is removed and ``path`` is untouched.
+
+    The replacement is a swap that a SIGKILL cannot break: the new folder is complete and
+    fsynced, the old one is renamed aside (``.NAME.old-*``), the new one renamed in, then the old
+    one deleted. A kill between the renames leaves the old folder aside; the next
+    :func:`recover_directory` (every atomic_directory starts with it) puts it back, or deletes it
+    when the new one made it in.
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    recover_directory(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
         os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes 0700; use the usual mode
         yield staging
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        fsync_tree(staging)
+        replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_directory(new: str | Path, path: str | Path) -> None:
+    """Put the complete folder ``new`` at ``path`` (same parent), old or new surviving a kill."""
+    new, out = Path(new), Path(path)
+    aside = None
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, aside)  # rename onto the empty placeholder folder
+    os.replace(new, out)
+    _fsync_dir(out.parent)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def remove_directory(path: str | Path) -> None:
+    """Delete a folder by renaming it aside first, so a kill never leaves it half deleted."""
+    out = Path(path)
+    if not out.exists():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.gone-", dir=out.parent))
+    os.replace(out, aside)
+    _fsync_dir(out.parent)
+    shutil.rmtree(aside)
+
+
+def recover_directory(path: str | Path) -> str | None:
+    """Finish or undo a replacement of ``path`` that a kill interrupted; says which, or None.
+
+    An old folder left aside goes back when ``path`` is missing (undo) and is deleted when the
+    new one is in place (finish); unfinished staging folders and half-deleted folders are removed.
+    """
+    out = Path(path)
+    if not out.parent.is_dir():
+        return None
+    done = None
+    leftovers = sorted(out.parent.glob(f".{glob_escape(out.name)}.*-*"))
+    for old in [p for p in leftovers if p.name.startswith(f".{out.name}.old-")]:
+        if not out.exists() and any(old.iterdir()):
+            os.replace(old, out)
+            done = "undone"
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            done = done or "finished"
+    for other in leftovers:
+        if other.name.startswith((f".{out.name}.new-", f".{out.name}.gone-")) and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+    if done:
+        _fsync_dir(out.parent)
+    return done
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob metacharacters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and folder under ``path`` (before a rename publishes it)."""
+    root = Path(path)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def paths_overlap(a: str | Path, b: str | Path) -> str | None:
+    """'is', 'is inside' or 'contains' when folder/file ``a`` overlaps ``b``; None when apart."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "is inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_out_apart(out: str | Path, inputs: dict) -> None:
+    """Refuse an output folder equal to, inside or containing an input ({flag: path}), by name."""
+    for flag, source in inputs.items():
+        if source is None:
+            continue
+        relation = paths_overlap(out, source)
+        if relation is not None:
+            raise ValueError(f"--out {out} {relation} {flag} {source}; writing there could "
+                             "destroy the input: choose another --out")
 
 
 def _current_umask() -> int:
