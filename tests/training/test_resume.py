@@ -29,17 +29,15 @@ def environment() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_the_same_adapter(tiny_base_run, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    kill_after = random.Random().randrange(2, STEPS - 4, 2)  # a random checkpointed step
-    child = subprocess.Popen(command(tiny_base_run, killed), env=environment(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_at_checkpoint(cmd: list, out, step: int) -> None:
+    """Run ``cmd`` and SIGKILL it once ``out`` holds a checkpoint at ``step`` or later."""
+    child = subprocess.Popen(cmd, env=environment(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and child.poll() is None:
-            steps = [s for s, _ in checkpoint_steps(killed)]
-            if steps and steps[-1] >= kill_after:
+            steps = [s for s, _ in checkpoint_steps(out)]
+            if steps and steps[-1] >= step:
                 break
             time.sleep(0.01)
         assert child.poll() is None, "the run finished before it could be killed"
@@ -47,6 +45,13 @@ def test_sigkill_then_resume_gives_the_same_adapter(tiny_base_run, tmp_path):
     finally:
         child.wait()
     assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_adapter(tiny_base_run, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    kill_after = random.Random().randrange(2, STEPS - 4, 2)  # a random checkpointed step
+    kill_at_checkpoint(command(tiny_base_run, killed), killed, kill_after)
     assert not (killed / "results.json").exists()
     done = subprocess.run(command(tiny_base_run, whole), env=environment(),
                           capture_output=True, text=True)
@@ -95,20 +100,7 @@ def test_pretraining_sigkilled_then_resumed_gives_the_same_bytes(tmp_path):
     config.write_text("eval_every: 4\nseed: 2\n")  # a checkpoint at every evaluation
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     kill_after = random.Random().randrange(4, PRETRAIN_STEPS - 12, 4)
-    child = subprocess.Popen(pretrain_command(killed, config), env=environment(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            steps = [s for s, _ in checkpoint_steps(killed)]
-            if steps and steps[-1] >= kill_after:
-                break
-            time.sleep(0.01)
-        assert child.poll() is None, "the run finished before it could be killed"
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait()
-    assert child.returncode == -signal.SIGKILL
+    kill_at_checkpoint(pretrain_command(killed, config), killed, kill_after)
     assert not (killed / "results.json").exists()
     stopped_at = checkpoint_steps(killed)[-1][0]
 
