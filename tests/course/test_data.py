@@ -145,3 +145,33 @@ def test_control_records_must_be_objects(tmp_path, tiny_base_run, capsys, line, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "control.jsonl: control record 2 must be a JSON object" in err
+
+
+def test_unknown_characters_are_counted_per_example_and_character(tokenizer, tmp_path):
+    assert tokenizer.unknown_chars("yesterday he went home") == []
+    assert tokenizer.unknown_chars("He went 🏠") == ["H", "🏠"]
+    rows = [{"prompt": "yesterday he ___ home", "completion": "went"},
+            {"prompt": "Yesterday he ___ home", "completion": "went"},
+            {"prompt": "yesterday he ___", "completion": "猫猫X"}]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = data.count_unk(data.load_user_examples(path), tokenizer)
+    assert (report.examples, report.characters, report.total_examples) == (2, 4, 3)
+    assert report.shown == ["Y", "猫", "X"] and report.first_source == f"{path}:2"
+    assert report.mostly_unk == 1
+    assert report.first_mostly_unk == f"{path}:3: 3 of 3 completion tokens are <unk>"
+    with pytest.raises(ValueError, match="--allow-unk") as refused:
+        data.refuse_mostly_unk(report, allow=False)
+    assert str(refused.value).startswith(f"{path}:3: ") and "\n" not in str(refused.value)
+    data.refuse_mostly_unk(report, allow=True)
+
+
+def test_a_completion_is_refused_only_when_more_than_half_is_unknown(tokenizer):
+    shares = {c: data.completion_unk_share(tokenizer, "he ___ home", c)
+              for c in ("went", "Xw", "XYw")}
+    assert shares == {"went": (0, 4), "Xw": (1, 2), "XYw": (2, 3)}
+    examples = [{"prompt": "he ___ home", "completion": c} for c in shares]
+    report = data.count_unk(examples, tokenizer, "training")
+    assert (report.examples, report.characters, report.mostly_unk) == (2, 3, 1)
+    assert report.first_source == "training example 2"
+    assert report.first_mostly_unk.startswith("training example 3: 2 of 3 ")

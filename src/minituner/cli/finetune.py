@@ -71,6 +71,15 @@ def print_complete(results: dict, out: str) -> None:
           "(--overwrite starts over)")
 
 
+def unk_warning(unk: dict | None) -> str | None:
+    """One line on the user's examples that map to <unk> in part, or None when none do."""
+    if not unk or not unk.get("examples"):
+        return None
+    return (f"warning: {unk['examples']} of {unk['total_examples']} example(s) hold characters "
+            f"the Mini-GPT tokenizer cannot spell ({unk['characters']} character(s) map to "
+            f"<unk>: {''.join(unk['shown'])!r}; first at {unk['first_source']})")
+
+
 def run_minigpt(args, cfg) -> int:
     """Fine-tune a Mini-GPT base run and print its headline numbers."""
     from minituner.course.finetune import run_finetune
@@ -81,6 +90,9 @@ def run_minigpt(args, cfg) -> int:
         line = resume_line(info)
         if line:
             print(line, flush=True)
+        warning = unk_warning(info.get("unk"))
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         progress.start(info["steps"])
 
     try:

@@ -116,6 +116,9 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
     parser.add_argument("--val-data", metavar="FILE", default=None,
                         help="validation JSONL for --train-data (Mini-GPT default: 10%% of it"
                              + ("; hf: models: --val-fraction, or none)" if model_flags else ")"))
+    parser.add_argument("--allow-unk", action="store_true", default=None,
+                        help=f"{mg_only}train on completions that are mostly <unk> (characters "
+                             "the 64-token tokenizer cannot spell: upper case, emoji, CJK ...)")
     parser.add_argument("--quant-scheme", default=None,
                         help=f"QLoRA: NF4 scheme {default('quant_scheme')}")
     if model_flags:

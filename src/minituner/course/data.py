@@ -20,6 +20,7 @@ token too; <bos> never is.
 from __future__ import annotations
 
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from minituner.course import corpus
@@ -253,3 +254,65 @@ def sequences_of(examples: list, tokenizer, where: str = "examples") -> list:
             raise ValueError(f"{source}: {exc}" if source else f"{where} example {number}: {exc}"
                              ) from None
     return out
+
+
+MOSTLY_UNK = 0.5  # a completion with more than this share of <unk> tokens is refused
+
+
+@dataclass
+class UnkReport:
+    """What of a user's examples the tokenizer cannot spell: examples and characters that map
+    to <unk>, and the completions that are mostly <unk> (the first one named by file:line)."""
+
+    examples: int = 0  # examples with at least one <unk>
+    characters: int = 0  # characters that map to <unk>, prompts and completions together
+    total_examples: int = 0
+    shown: list = field(default_factory=list)  # a few distinct unknown characters
+    first_source: str = ""  # where the first example with an <unk> is
+    mostly_unk: int = 0  # completions with more than MOSTLY_UNK of their tokens <unk>
+    first_mostly_unk: str = ""  # "file:line: 3 of 4 completion tokens are <unk>"
+
+    def to_dict(self) -> dict:
+        """Plain dict, for results.json."""
+        return asdict(self)
+
+
+def completion_unk_share(tokenizer, prompt: str, completion: str) -> tuple:
+    """(<unk> tokens, tokens) of the completion's span (<eos> not counted)."""
+    ids, first, end = completion_span(tokenizer, prompt, completion, eos=False)
+    span = ids[first:end]
+    return sum(token == tokenizer.unk_id for token in span), len(span)
+
+
+def _where(example, number: int, where: str) -> str:
+    return getattr(example, "source", "") or f"{where} example {number}"
+
+
+def count_unk(examples: list, tokenizer, where: str = "examples") -> UnkReport:
+    """Count the examples and characters of ``examples`` that map to <unk>, in file order."""
+    report = UnkReport(total_examples=len(examples))
+    for number, example in enumerate(examples, start=1):
+        unknown = tokenizer.unknown_chars(fill(example["prompt"], example["completion"])[1])
+        if not unknown:
+            continue
+        report.examples += 1
+        report.characters += len(unknown)
+        report.first_source = report.first_source or _where(example, number, where)
+        report.shown += [ch for ch in dict.fromkeys(unknown) if ch not in report.shown]
+        report.shown = report.shown[:8]
+        unk, tokens = completion_unk_share(tokenizer, example["prompt"], example["completion"])
+        if unk > MOSTLY_UNK * tokens:
+            report.mostly_unk += 1
+            report.first_mostly_unk = report.first_mostly_unk or (
+                f"{_where(example, number, where)}: {unk} of {tokens} completion tokens are <unk>")
+    return report
+
+
+def refuse_mostly_unk(report: UnkReport, allow: bool) -> None:
+    """Refuse completions that are mostly <unk> (training would teach the model to say <unk>)
+    unless ``allow`` (--allow-unk), naming the first one's file:line."""
+    if report.mostly_unk and not allow:
+        raise ValueError(
+            f"{report.first_mostly_unk} (the Mini-GPT tokenizer cannot spell "
+            f"{''.join(report.shown)!r}; {report.mostly_unk} completion(s) like it): "
+            "--allow-unk trains on them anyway")

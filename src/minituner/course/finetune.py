@@ -65,6 +65,7 @@ class FinetuneData:
     replay: list
     control: list
     control_texts: list
+    unk: data.UnkReport  # what of the user's examples maps to <unk> (empty for the built-in set)
 
 
 def control_records(base_dir) -> list:
@@ -79,11 +80,16 @@ def control_records(base_dir) -> list:
 def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig) -> FinetuneData:
     """SFT splits (built-in or the user's files), replay lines and the control set."""
     corpus_dir = Path(base_dir) / "corpus"
+    unk = data.UnkReport()
     if cfg.train_data:
-        sft = data.split_user_examples(data.load_user_examples(cfg.train_data), cfg.seed)
+        records = data.load_user_examples(cfg.train_data)
+        validation = data.load_user_examples(cfg.val_data) if cfg.val_data else []
+        unk = data.count_unk(records + validation, tokenizer)
+        data.refuse_mostly_unk(unk, cfg.allow_unk)
+        sft = data.split_user_examples(records, cfg.seed)
         if cfg.val_data:
             sft["train"] += sft["validation"] + sft["test"]
-            sft["validation"], sft["test"] = data.load_user_examples(cfg.val_data), []
+            sft["validation"], sft["test"] = validation, []
     else:
         if not (corpus_dir / "irregular.jsonl").is_file():
             raise ValueError(f"{base_dir}: has no corpus/irregular.jsonl; pass --train-data")
@@ -101,7 +107,7 @@ def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig) -> FinetuneData
         sft=sft,
         train=data.sequences_of(sft["train"], tokenizer, "training"),
         validation=data.sequences_of(sft["validation"], tokenizer, "validation"),
-        replay=replay, control=control, control_texts=data.control_texts(control),
+        replay=replay, control=control, control_texts=data.control_texts(control), unk=unk,
     )
 
 
@@ -196,8 +202,8 @@ class MiniGPTBackend:
         return make_validator(prepared.validation, prepared.pad_id, batch_size=128)
 
     def start_info(self) -> dict:
-        """Nothing beyond the step count to report."""
-        return {}
+        """The <unk> counts of the user's examples (the CLI warns about them)."""
+        return {"unk": self.data.unk.to_dict()}
 
     def on_step(self, model, record: dict) -> None:
         """No per-step check."""
@@ -213,6 +219,7 @@ class MiniGPTBackend:
             tensor_bytes["total_bytes"] += tensor_bytes["kl_reference_bytes"]
         results = _results(cfg, self.before, after, run.fit, run.steps, run.batches, run.model,
                            tensor_bytes)
+        results["unk"] = self.data.unk.to_dict()
         if cfg.method == "qlora":
             results["qlora"] = qlora_comparison(self.base_dir, run.model, cfg, self.data,
                                                 run.loss_fn, run.batches, self.tokenizer)

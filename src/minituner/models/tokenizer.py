@@ -45,6 +45,12 @@ class Tokenizer:
         """Text of token ids, special tokens dropped."""
         return self.engine.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def unknown_chars(self, text: str) -> list:
+        """The characters of ``text`` this tokenizer cannot spell (each becomes one <unk>)."""
+        encoding = self.engine.encode(text)
+        return [text[a:b] for token, (a, b) in zip(encoding.ids, encoding.offsets, strict=True)
+                if token == self.unk_id]
+
     def fits(self, text: str) -> bool:
         """True when ``<bos> text <eos>`` fits the model's context."""
         return len(self.encode(text)) + 2 <= self.context_len

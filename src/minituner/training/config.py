@@ -44,7 +44,8 @@ KIND_REFUSES = {
     "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
                      "run has",
            "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
-           "replay_nll": "it weighs replay rows, which need a Mini-GPT base's corpus"},
+           "replay_nll": "it weighs replay rows, which need a Mini-GPT base's corpus",
+           "allow_unk": "it applies to the Mini-GPT 64-token tokenizer only"},
 }
 
 # Settings a method cannot use: refused when given at all (a flag or a --config key), and why.
@@ -144,6 +145,7 @@ class FinetuneConfig:
     grad_checkpointing: bool = False
     dtype: str = "auto"
     threads: int = 1
+    allow_unk: bool = False  # Mini-GPT: train on completions that are mostly <unk>
 
     @property
     def kind(self) -> str:
