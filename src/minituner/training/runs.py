@@ -27,6 +27,7 @@ longer equals an uninterrupted run of either length.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from minituner.models.tokenizer import Tokenizer
 from minituner.training.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
 )
 from minituner.training.config import RUNTIME_FIELDS
 from minituner.util.files import (
@@ -79,9 +80,10 @@ def resume_identity(config: dict) -> dict:
 
 
 def resume_state(out_dir: str | Path, config: dict) -> dict | None:
-    """The latest checkpoint of the run in ``out_dir`` when its config.json matches ``config``
-    up to :data:`RESUME_MAY_CHANGE` (a ValueError naming each other setting that differs, with
-    both values); None when there is none yet."""
+    """The latest readable checkpoint of the run in ``out_dir`` when its config.json matches
+    ``config`` up to :data:`RESUME_MAY_CHANGE` (a ValueError naming each other setting that
+    differs, with both values); None when there is none yet. A damaged newest checkpoint is
+    skipped with a one-line UserWarning naming it and the step resumed from instead."""
     out = Path(out_dir)
     if not (out / CONFIG_FILE).is_file():
         return None
@@ -91,8 +93,12 @@ def resume_state(out_dir: str | Path, config: dict) -> dict | None:
         shown = "; ".join(f"{name}: run {a!r}, now {b!r}" for name, a, b in differences[:4])
         raise ValueError(f"{out}: --resume cannot change {shown} (a resume may change only "
                          f"{', '.join(RESUME_MAY_CHANGE)}; --overwrite starts over)")
-    path = latest_checkpoint(out)
-    return load_checkpoint(path) if path else None
+    state, skipped = load_latest_checkpoint(out)
+    if skipped:
+        names = ", ".join(p.name for p in skipped)
+        warnings.warn(f"{out}: checkpoint {names} is damaged (a crash during its write?); "
+                      f"resuming from the previous one, step {state['step']}", stacklevel=2)
+    return state
 
 
 def resume_differences(old: dict, new: dict) -> list:
