@@ -89,3 +89,38 @@ def test_saving_a_step_drops_later_checkpoints_and_keeps_the_newest(tmp_path):
     assert [s for s, _ in checkpoint_steps(tmp_path)] == [4, 6]
     writer.save_checkpoint(state(5))  # resumed from 4 after a damaged step-6
     assert [s for s, _ in checkpoint_steps(tmp_path)] == [4, 5]
+
+
+def test_tmp_files_left_by_a_kill_are_removed_when_the_run_is_resumed(tiny_base_run, tmp_path,
+                                                                     capsys):
+    from minituner.cli import main
+
+    out = tmp_path / "run"
+    flags = ["finetune", "--base", str(tiny_base_run), "--out", str(out), "--steps", "4",
+             "--batch-size", "8", "--checkpoint-every", "2", "--eval-every", "2"]
+    assert main(flags) == 0
+    (out / "results.json").unlink()
+    (out / "checkpoints" / "step-000004.pt").unlink()
+    left = [out / "checkpoints" / ".step-000004.pt.k3j_9xqa.tmp", out / ".config.json.ab12cd34.tmp",
+            out / "adapter" / ".adapter_model.safetensors.zz00yy11.tmp"]
+    left[0].write_bytes(b"half a checkpoint")
+    for path in left[1:]:
+        path.write_bytes(b"")
+    mine = out / ".notes.tmp"  # not an atomic_write temp file: kept
+    mine.write_text("keep me")
+    assert main([*flags, "--resume"]) == 0
+    assert not any(path.exists() for path in left)
+    assert mine.read_text() == "keep me"
+
+
+def test_remove_stale_tmp_on_reuse_of_the_folder(tmp_path):
+    from minituner.training.runs import prepare_run_dir, remove_stale_tmp, write_config
+
+    config = {"kind": "pretrain", "format": 1, "seed": 0}
+    out = prepare_run_dir(tmp_path / "run", config)
+    write_config(out, config)
+    stale = out / ".model.safetensors.a1b2c3d4.tmp"
+    stale.write_bytes(b"")
+    prepare_run_dir(out, config)  # the same run again
+    assert not stale.exists()
+    assert remove_stale_tmp(out) == []
