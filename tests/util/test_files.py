@@ -14,6 +14,7 @@ import pytest
 
 from minituner.util.files import (
     atomic_directory,
+    atomic_write,
     check_out_apart,
     paths_overlap,
     recover_directory,
@@ -36,6 +37,21 @@ def whole_version(folder: Path) -> int:
     versions = {p.read_bytes() for p in folder.iterdir()}
     assert len(versions) == 1 and len(next(iter(versions))) == SIZE
     return next(iter(versions))[0]
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path,
+                                                                            monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)),
+                                                     real_replace(a, b))[1])
+    target = tmp_path / "sub" / "data.bin"
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"payload"))
+    assert target.read_bytes() == b"payload"
+    assert events == [("fsync", target.stat().st_ino), ("replace", None),
+                      ("fsync", target.parent.stat().st_ino)]
 
 
 def test_atomic_directory_swaps_in_the_new_folder_and_leaves_nothing_beside(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from minituner.cli.runfolders import one_line_warnings
 from minituner.cli.trainflags import (
     DEFAULT_BASE,
     Progress,
@@ -53,9 +54,10 @@ def run(args) -> int:
     if cfg.model is None:
         cfg = cfg.replace(model=DEFAULT_BASE)
     apply_threads(cfg.threads)
-    if cfg.kind == "hf":
-        return run_hf(args, cfg)
-    return run_minigpt(args, cfg)
+    with one_line_warnings():  # e.g. a damaged checkpoint --resume skipped
+        if cfg.kind == "hf":
+            return run_hf(args, cfg)
+        return run_minigpt(args, cfg)
 
 
 def resume_line(info: dict) -> str | None:

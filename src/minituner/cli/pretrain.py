@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from minituner.cli.common import load_config_file, nonneg_int, positive_float, positive_int
+from minituner.cli.runfolders import one_line_warnings
 
 DEFAULTS = {"steps": 1200, "batch_size": 32, "lr": 3e-3, "seed": 0}
 
@@ -86,7 +87,9 @@ def pretrain_with_progress(out: str, cfg, overwrite: bool = False, reuse: bool =
 def run(args) -> int:
     """Pretrain and print the validation perplexity and wall time."""
     cfg = pretrain_config_from_args(args)
-    results = pretrain_with_progress(args.out, cfg, overwrite=args.overwrite, resume=args.resume)
+    with one_line_warnings():  # e.g. a damaged checkpoint --resume skipped
+        results = pretrain_with_progress(args.out, cfg, overwrite=args.overwrite,
+                                         resume=args.resume)
     if args.resume and results.get("already_complete"):
         print(f"{args.out}: the run is complete ({results['steps']} steps); nothing to resume "
               "(--overwrite starts over)")

@@ -3,7 +3,10 @@
 A checkpoint holds the trainable tensors, the optimizer and scheduler state, the RNG states,
 the step, the log so far and the best-so-far trainable tensors, written atomically as
 ``checkpoints/step-000050.pt`` (a reader never sees half a file; a SIGKILL during the write
-leaves the previous checkpoint intact). The newest ``keep`` checkpoints are kept.
+leaves the previous checkpoint intact). The newest ``keep`` checkpoints are kept. A newest
+checkpoint that cannot be read (truncated or garbage) is skipped by
+:func:`load_latest_checkpoint`, which falls back to the previous complete one and names what it
+skipped; a checkpoint holding non-finite values is an error, never skipped.
 
 :class:`RunWriter` is the only object the training loop writes through, so a distributed
 launcher can make every write rank-0-only by passing ``enabled=False`` on the other ranks.
@@ -61,17 +64,39 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (truncated, garbage): a resume may skip it."""
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint, with a one-line error for a damaged file or a non-finite tensor."""
+    """Read a checkpoint, with a one-line error for a damaged file (:class:`UnreadableCheckpoint`)
+    or a non-finite tensor (ValueError)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__})") \
+            from None
     if not isinstance(state, dict) or "step" not in state or "trainable" not in state:
-        raise ValueError(f"{path}: not a minituner training checkpoint")
+        raise UnreadableCheckpoint(f"{path}: not a minituner training checkpoint")
     _check_finite(path, state)
     return state
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> tuple:
+    """(newest readable checkpoint's state or None, paths of the newer unreadable ones skipped),
+    so a resume survives a checkpoint damaged by a crash; a ValueError when none is readable."""
+    skipped = []
+    for _, path in reversed(checkpoint_steps(run_dir)):
+        try:
+            return load_checkpoint(path), skipped
+        except UnreadableCheckpoint:
+            skipped.append(path)
+    if skipped:
+        names = ", ".join(p.name for p in skipped)
+        raise ValueError(f"{Path(run_dir) / CHECKPOINT_DIR}: no readable checkpoint ({names} "
+                         "damaged); --overwrite starts over")
+    return None, skipped
 
 
 def _named_tensors(state: dict) -> list:
@@ -106,12 +131,17 @@ class RunWriter:
         return latest_checkpoint(self.run_dir)
 
     def save_checkpoint(self, state: dict) -> Path | None:
-        """Atomically write ``state`` as step-<step>.pt, then drop checkpoints beyond ``keep``."""
+        """Atomically write ``state`` as step-<step>.pt, then drop checkpoints of later steps
+        (a damaged one a resume skipped) and those beyond ``keep``."""
         if not self.enabled:
             return None
-        path = self.run_dir / CHECKPOINT_DIR / f"step-{int(state['step']):06d}.pt"
+        step = int(state["step"])
+        path = self.run_dir / CHECKPOINT_DIR / f"step-{step:06d}.pt"
         atomic_write(path, lambda tmp: torch.save(state, tmp))
-        for _, old in checkpoint_steps(self.run_dir)[: -self.keep]:
+        found = checkpoint_steps(self.run_dir)
+        for _, later in [(s, p) for s, p in found if s > step]:
+            later.unlink(missing_ok=True)
+        for _, old in [(s, p) for s, p in found if s <= step][: -self.keep]:
             old.unlink(missing_ok=True)
         return path
 

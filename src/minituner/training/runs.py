@@ -26,7 +26,9 @@ longer equals an uninterrupted run of either length.
 
 from __future__ import annotations
 
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from minituner.models.tokenizer import Tokenizer
 from minituner.training.checkpoint import (
     CHECKPOINT_DIR,
     latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
 )
 from minituner.training.config import RUNTIME_FIELDS
 from minituner.util.files import (
@@ -60,6 +62,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_MARKERS = ("merge_report.json",)  # a merged transformers directory
 RESUME_MAY_CHANGE = ("threads", "process count", "device", "a larger steps or epochs")
 _GROWABLE = ("steps", "epochs")  # a resume may raise these (the schedule is recomputed)
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_write's temp files (mkstemp)
 
 
 def check_run_format(config: dict, path: str | Path) -> dict:
@@ -79,9 +82,10 @@ def resume_identity(config: dict) -> dict:
 
 
 def resume_state(out_dir: str | Path, config: dict) -> dict | None:
-    """The latest checkpoint of the run in ``out_dir`` when its config.json matches ``config``
-    up to :data:`RESUME_MAY_CHANGE` (a ValueError naming each other setting that differs, with
-    both values); None when there is none yet."""
+    """The latest readable checkpoint of the run in ``out_dir`` when its config.json matches
+    ``config`` up to :data:`RESUME_MAY_CHANGE` (a ValueError naming each other setting that
+    differs, with both values); None when there is none yet. A damaged newest checkpoint is
+    skipped with a one-line UserWarning naming it and the step resumed from instead."""
     out = Path(out_dir)
     if not (out / CONFIG_FILE).is_file():
         return None
@@ -91,8 +95,24 @@ def resume_state(out_dir: str | Path, config: dict) -> dict | None:
         shown = "; ".join(f"{name}: run {a!r}, now {b!r}" for name, a, b in differences[:4])
         raise ValueError(f"{out}: --resume cannot change {shown} (a resume may change only "
                          f"{', '.join(RESUME_MAY_CHANGE)}; --overwrite starts over)")
-    path = latest_checkpoint(out)
-    return load_checkpoint(path) if path else None
+    remove_stale_tmp(out)
+    state, skipped = load_latest_checkpoint(out)
+    if skipped:
+        names = ", ".join(p.name for p in skipped)
+        warnings.warn(f"{out}: checkpoint {names} is damaged (a crash during its write?); "
+                      f"resuming from the previous one, step {state['step']}", stacklevel=2)
+    return state
+
+
+def remove_stale_tmp(run_dir: str | Path) -> list:
+    """Delete the ``.NAME.XXXXXXXX.tmp`` files a killed atomic write left in a run folder (no
+    writer is running when a folder is opened); returns the paths removed."""
+    removed = []
+    for path in sorted(Path(run_dir).rglob(".*.tmp")):
+        if _TMP_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def resume_differences(old: dict, new: dict) -> list:
@@ -236,6 +256,7 @@ def prepare_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) 
         remove_directory(out)
     elif out.is_dir() and any(out.iterdir()):
         _check_reusable(out, config)
+        remove_stale_tmp(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -19,7 +19,11 @@ from pathlib import Path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` through ``write(tmp_path)`` then rename, so readers never see half a file."""
+    """Write ``path`` through ``write(tmp_path)`` then rename, so readers never see half a file.
+
+    The temp file is fsynced before the rename and the folder after it, so a power loss cannot
+    publish an empty or partial file under ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,7 +32,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; use the usual mode
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except (OSError, RuntimeError) as exc:  # RuntimeError: torch's and safetensors' writers
         tmp.unlink(missing_ok=True)
         raise _write_error(path, exc) from None
@@ -141,6 +147,15 @@ def fsync_tree(path: str | Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(Path(folder))
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
