@@ -12,7 +12,6 @@ layer (:mod:`minituner.hf.load`), so the float model is never in memory whole.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from minituner.lora import ALL_LINEAR, apply_lora, resolve_target_modules
+from minituner.util.files import read_json
 
 HF_PREFIX = "hf:"
 TANH_GELU_MODULES = ("NewGELUActivation", "FastGELUActivation")  # transformers' class names
@@ -73,10 +73,7 @@ def read_hf_config(path: str | os.PathLike):
         raise FileNotFoundError(f"{directory}: model directory not found")
     if not config_file.is_file():
         raise ValueError(f"{directory}: not a transformers model directory (no config.json)")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
+    raw = read_json(config_file, "model config")
     check_architecture(raw.get("model_type") if isinstance(raw, dict) else None, str(config_file))
     from transformers import AutoConfig
 

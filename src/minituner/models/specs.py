@@ -8,9 +8,10 @@ a local transformers ``config.json`` (model types gpt2, llama, mistral).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from minituner.util.files import read_json
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,7 @@ def spec_from_hf_config(directory) -> ModelSpec:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a transformers model directory)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json(path, "model config")
     if not isinstance(config, dict):
         raise ValueError(f"{path}: must be a JSON object")
     model_type = config.get("model_type")
