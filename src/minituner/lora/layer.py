@@ -170,9 +170,12 @@ class LoRALinear(nn.Module):
             if out is not None:
                 return out
         out = self.base(x)
+        return out + self.lora_update(x).to(out.dtype)
+
+    def lora_update(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * dropout(x) A^T B^T``: what this adapter adds to the base's output."""
         lora_in = self.dropout(x).to(self.lora_A.dtype)
-        update = (lora_in @ self.lora_A.T) @ self.lora_B.T
-        return out + (self.scaling * update).to(out.dtype)
+        return self.scaling * ((lora_in @ self.lora_A.T) @ self.lora_B.T)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout ((out, in); zeros at rank 0)."""
