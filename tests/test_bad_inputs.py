@@ -241,6 +241,10 @@ CASES = [
     ("hf-replay", lambda w, t: (hf_finetune(w, t / "o", "--replay", "0.3"), ["--replay"])),
     ("minigpt-max-len", lambda w, t: (finetune(w, t / "o", "--max-len", "8"), ["--max-len"])),
     ("minigpt-device", lambda w, t: (finetune(w, t / "o", "--device", "cpu"), ["--device"])),
+    ("no-verify-base-without-resume", lambda w, t: (finetune(w, t / "o", "--no-verify-base"),
+                                                    ["--no-verify-base", "--resume"])),
+    ("minigpt-allow-pickle", lambda w, t: (finetune(w, t / "o", "--allow-pickle"),
+                                           ["--allow-pickle"])),
     ("base-and-model", lambda w, t: (finetune(w, t / "o", "--model", str(w["base"])),
                                      ["--base", "--model"])),
     # more of the same family

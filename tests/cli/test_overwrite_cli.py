@@ -185,3 +185,69 @@ def test_hf_merge_overwrite_replaces_only_its_own_output(tmp_path, toy_hf_model,
     assert main([*command, "--out", str(merged)]) == 0  # its own output: replaced
     assert snapshot(merged) == first and "merge_report.json" in first
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def kill_at_random(command: list, seconds: tuple, rng: random.Random) -> None:
+    """Run ``minituner COMMAND`` in a subprocess and SIGKILL it after a random time."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "minituner", *command],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        proc.wait(timeout=rng.uniform(*seconds))
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_finetune_overwrite_killed_at_random_moments_leaves_old_or_new(tiny_base_run, tmp_path,
+                                                                       capsys):
+    from minituner.training.runs import run_status
+
+    out = tmp_path / "run"
+    command = ["finetune", "--base", str(tiny_base_run), "--out", str(out), "--steps", "12",
+               "--batch-size", "8", "--eval-every", "6", "--checkpoint-every", "4"]
+    assert main([*command, "--seed", "1"]) == 0
+    capsys.readouterr()
+    old = snapshot(out)
+    rng = random.Random(0)
+    for _ in range(4):
+        kill_at_random([*command, "--seed", "2", "--overwrite"], (1.0, 8.0), rng)
+        recover_directory(out)  # the next command's first step
+        if snapshot(out) != old:  # the new run made it in: it is whole and finished
+            assert run_status(out) == "finished"
+            assert json.loads((out / "config.json").read_text())["finetune"]["seed"] == 2
+            assert (out / "adapter" / "adapter_model.safetensors").is_file()
+            break
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_hf_merge_overwrite_killed_at_random_moments_leaves_old_or_new(tmp_path, toy_hf_model,
+                                                                       capsys):
+    from hf_helpers import randomize_lora_b
+
+    from minituner.hf.load import base_record, load_hf_model
+    from minituner.lora import apply_lora
+
+    directory = toy_hf_model("llama")
+    adapters = []
+    for seed in (1, 2):
+        model = apply_lora(load_hf_model(directory), "all-linear", r=4, alpha=8, seed=0)
+        randomize_lora_b(model, seed=seed)
+        save_adapter(model, tmp_path / f"adapter{seed}",
+                     extra=base_record(directory, "lora", torch.float32))
+        adapters.append(tmp_path / f"adapter{seed}")
+    out = tmp_path / "merged"
+    outputs = {}  # the two whole outputs a kill may leave (merge_report.json names --out)
+    for adapter in reversed(adapters):
+        assert main(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite"]) == 0
+        outputs[adapter.name] = snapshot(out)
+    assert outputs["adapter1"] != outputs["adapter2"]
+    capsys.readouterr()
+    rng = random.Random(1)
+    for attempt in range(3):
+        adapter = adapters[attempt % 2 == 0]
+        kill_at_random(["merge", "--adapter", str(adapter), "--out", str(out), "--overwrite"],
+                       (2.0, 9.0), rng)
+        recover_directory(out)
+        assert snapshot(out) in outputs.values()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

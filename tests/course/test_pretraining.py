@@ -7,7 +7,7 @@ import torch
 
 from minituner.models.minigpt import MiniGPT
 from minituner.models.tokenizer import Tokenizer
-from minituner.training.runs import load_model, prepare_run_dir, save_model
+from minituner.training.runs import load_model, prepare_run_dir, publish_run, save_model
 from minituner.util.files import read_json
 
 
@@ -72,7 +72,9 @@ def test_refuses_to_overwrite_a_different_run(tmp_path):
     with pytest.raises(FileExistsError, match="different run"):
         prepare_run_dir(tmp_path / "r", {"kind": "pretrain", "model": {"d_model": 32}})
     assert (tmp_path / "r" / "keep.txt").read_text() == "precious"
-    prepare_run_dir(tmp_path / "r", {"kind": "pretrain"}, overwrite=True)
+    work = prepare_run_dir(tmp_path / "r", {"kind": "pretrain"}, overwrite=True)
+    assert work != tmp_path / "r" and (tmp_path / "r" / "keep.txt").exists()  # until published
+    publish_run(work, tmp_path / "r")
     assert not (tmp_path / "r" / "keep.txt").exists()
 
 

@@ -153,3 +153,20 @@ def test_merge_refuses_pickle_base_unless_allowed(tmp_path, toy_hf_model, capsys
     assert not (tmp_path / "merged").exists()
     assert main([*argv, "--allow-pickle"]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_finetune_refuses_pickle_weights_and_allow_pickle_trains(tmp_path, toy_hf_model, capsys):
+    from hf_helpers import write_data
+
+    model_dir = pickle_copy(toy_hf_model("gpt2"), tmp_path / "m")
+    argv = ["finetune", "--model", f"hf:{model_dir}", "--data",
+            str(write_data(tmp_path / "data.jsonl")), "--out", str(tmp_path / "run"),
+            "--steps", "2", "--batch-size", "4", "--device", "cpu"]
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 1 and len(err) == 1 and "--allow-pickle" in err[0]
+    assert not (tmp_path / "run").exists()
+    assert main([*argv, "--allow-pickle"]) == 0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    # a resume may drop or add --allow-pickle: it does not decide results
+    assert main([*argv, "--allow-pickle", "--resume"]) == 0

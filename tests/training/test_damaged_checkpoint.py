@@ -32,6 +32,8 @@ def test_resume_falls_back_from_a_truncated_newest_checkpoint_to_the_same_bytes(
     newest = out / "checkpoints" / "step-000006.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     capsys.readouterr()
+    assert main(flags) == 1  # without --resume: refused, counting the steps a resume keeps
+    assert "4 steps done; pass --resume" in capsys.readouterr().err
     assert main([*flags, "--resume"]) == 0
     captured = capsys.readouterr()
     assert "resuming from step 4 of 6" in captured.out

@@ -162,3 +162,31 @@ def test_finetune_refuses_a_killed_run_then_resumes_and_says_when_complete(tiny_
     assert main([*flags, "--resume"]) == 0
     assert "the run is complete (4 steps); nothing to resume" in capsys.readouterr().out
     assert snapshot(out) == before
+
+
+def test_resume_over_a_changed_base_needs_no_verify_base(tiny_base_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from minituner.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_run, base)
+    out = tmp_path / "run"
+    flags = ["finetune", "--base", str(base), "--out", str(out), "--steps", "4",
+             "--batch-size", "8", "--checkpoint-every", "2", "--eval-every", "2"]
+    assert main(flags) == 0
+    (out / "results.json").unlink()  # as if killed after its last checkpoint
+    weights = load_file(base / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.01  # the base changed since the run started
+    save_file(weights, base / "model.safetensors")
+    capsys.readouterr()
+    assert main([*flags, "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base" in err[0] and "--resume cannot change" in err[0]
+    assert main([*flags, "--resume", "--no-verify-base"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from step 4 of 4" in captured.out
+    assert "fingerprint differs" in captured.err

@@ -9,12 +9,16 @@ import pytest
 
 from minituner.training.runs import (
     check_replaceable,
+    discard_staging,
     mark_failed,
     minituner_folder,
     prepare_run_dir,
+    publish_run,
+    recorded_base_path,
     resume_differences,
     resume_state,
     run_status,
+    with_relative_base,
 )
 
 CONFIG = {"format": 1, "kind": "finetune", "finetune": {"lr": 0.01, "steps": 10, "threads": 1}}
@@ -65,11 +69,68 @@ def test_overwrite_refuses_a_users_folder_naming_what_it_holds(tmp_path):
     check_replaceable(tmp_path / "missing")  # nothing there: fine
 
 
-def test_overwrite_replaces_a_minituner_run(tmp_path):
+def test_overwrite_trains_beside_the_old_run_and_publishes_the_finished_one(tmp_path):
     run = write_run(tmp_path / "run", {**CONFIG, "kind": "pretrain"}, finished=True)
     (run / "model.safetensors").write_bytes(b"old")
-    prepare_run_dir(run, CONFIG, overwrite=True)
-    assert list(run.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    work = prepare_run_dir(run, CONFIG, overwrite=True)
+    assert work != run and work.parent == tmp_path and list(work.iterdir()) == []
+    assert (run / "model.safetensors").read_bytes() == b"old"  # whole until the new one is done
+    (work / "model.safetensors").write_bytes(b"new")
+    publish_run(work, run)
+    assert (run / "model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_stopped_replacement_leaves_the_old_run_and_no_staging(tmp_path):
+    run = write_run(tmp_path / "run", {**CONFIG, "kind": "pretrain"}, finished=True)
+    work = prepare_run_dir(run, CONFIG, overwrite=True)
+    (work / "config.json").write_text("{}")
+    discard_staging(work, run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads((run / "config.json").read_text())["kind"] == "pretrain"
+
+
+def test_a_staging_folder_left_by_a_kill_goes_at_the_next_command(tmp_path):
+    run = write_run(tmp_path / "run", finished=True)
+    work = prepare_run_dir(run, CONFIG, overwrite=True)
+    (work / "config.json").write_text("{}")  # killed while training: the staging stays
+    assert prepare_run_dir(run, CONFIG) == run  # the same finished run may be reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_overwrite_of_an_empty_or_missing_folder_trains_in_place(tmp_path):
+    assert prepare_run_dir(tmp_path / "new", CONFIG, overwrite=True) == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert prepare_run_dir(tmp_path / "empty", CONFIG, overwrite=True) == tmp_path / "empty"
+
+
+def test_run_config_records_its_base_relative_to_the_run(tmp_path):
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    (base / "model.safetensors").write_bytes(b"w")
+    config = with_relative_base({"base": {"path": str(base)}}, tmp_path / "runs" / "ft")
+    assert config["base"]["relative_path"] == "../../models/base"
+    moved = tmp_path / "moved"
+    (moved / "runs" / "ft").mkdir(parents=True)
+    (moved / "models").mkdir()
+    base.rename(moved / "models" / "base")
+    found = recorded_base_path(config, moved / "runs" / "ft", "model.safetensors")
+    assert found == str((moved / "models" / "base").resolve())
+    # nothing at the relative place: the recorded absolute path, as before
+    assert recorded_base_path(config, tmp_path / "runs" / "ft", "model.safetensors") == str(base)
+    with pytest.raises(ValueError, match="field 'base' missing"):
+        recorded_base_path({}, tmp_path, "model.safetensors")
+
+
+def test_no_verify_base_lets_a_resume_go_on_over_a_changed_base_with_a_warning(tmp_path):
+    config = {**CONFIG, "base": {"path": "b", "fingerprint": "aaa"}}
+    run = write_run(tmp_path / "run", config, checkpoint_step=None)
+    changed = {**config, "base": {"path": "b", "fingerprint": "bbb"}}
+    with pytest.raises(ValueError, match="base"):
+        resume_state(run, changed)
+    unverified = {**changed, "finetune": {**CONFIG["finetune"], "verify_base": False}}
+    with pytest.warns(UserWarning, match="fingerprint differs"):
+        assert resume_state(run, unverified) is None  # no checkpoint yet
 
 
 def test_same_unfinished_run_with_checkpoints_is_refused_with_the_step_count(tmp_path):

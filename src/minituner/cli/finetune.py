@@ -53,6 +53,9 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if cfg.model is None:
         cfg = cfg.replace(model=DEFAULT_BASE)
+    if not cfg.verify_base and not args.resume:
+        raise ValueError("--no-verify-base needs --resume (it lets a resume go on over a base "
+                         "whose fingerprint changed)")
     apply_threads(cfg.threads)
     with one_line_warnings():  # e.g. a damaged checkpoint --resume skipped
         if cfg.kind == "hf":

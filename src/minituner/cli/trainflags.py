@@ -139,9 +139,17 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
         parser.add_argument("--dtype", default=None, choices=("auto", "fp32", "bf16"),
                             help=f"{hf_only}compute dtype; auto (default) = bf16 on CUDA with "
                                  "bf16 support, else fp32")
+        parser.add_argument("--allow-pickle", action="store_true", default=None,
+                            help=f"{hf_only}read a base folder that holds only pickle weights "
+                                 "(pytorch_model.bin; unpickling can run code)")
         parser.add_argument("--device", default=None,
                             help=f"{hf_only}auto (default: CUDA when available), cpu, cuda or "
                                  "cuda:N")
+    if model_flags:
+        parser.add_argument("--no-verify-base", dest="verify_base", action="store_false",
+                            default=None,
+                            help="with --resume: go on although the base's fingerprint differs "
+                                 "from the one the run recorded (a warning says so)")
     parser.add_argument("--config", metavar="FILE",
                         help="YAML or JSON file of these settings (flags given here win)")
     add_threads_flag(parser)

@@ -15,7 +15,7 @@ from minituner.course.finetune import load_base
 from minituner.lora.adapters import base_fingerprint, load_adapter
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.qlora import wrap_minigpt_qlora
-from minituner.training.runs import load_run_config
+from minituner.training.runs import MODEL_FILE, load_run_config, recorded_base_path
 from minituner.util.files import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,16 +72,9 @@ def attach_adapter(model, adapter_dir, verify_base: bool = True) -> tuple:
 
 
 def recorded_base(config: dict, run: Path) -> str:
-    """The base path a fine-tuning run's config.json records, or a one-line error naming the
-    field when it is missing or malformed."""
-    base = config.get("base")
-    where = run / "config.json"
-    if base is None:
-        raise ValueError(f"{where}: field 'base' missing (the run does not say its base)")
-    if not isinstance(base, dict) or not isinstance(base.get("path"), str):
-        raise ValueError(f"{where}: field 'base' must be an object with a string 'path', "
-                         f"got {base!r:.60}")
-    return base["path"]
+    """The base folder a fine-tuning run's config.json records (seen from the run folder when
+    both were moved together), or a one-line error naming the field."""
+    return recorded_base_path(config, run, MODEL_FILE)
 
 
 def load_run(run_dir, adapter=None, verify_base: bool = True) -> tuple:

@@ -18,9 +18,11 @@ from minituner.training.loop import pretrain, seed_everything
 from minituner.training.runs import (
     CONFIG_FILE,
     clear_checkpoints,
+    discard_staging,
     is_complete_model_run,
     mark_failed,
     prepare_run_dir,
+    publish_run,
     resume_state,
     save_model,
     write_config,
@@ -113,21 +115,27 @@ def run_pretraining(
                              f"{tokenizer.vocab_size}")
         resuming = resume or (reuse and same_run)
         checkpoint = resume_state(out, config) if resuming else None
+        work = out
         if checkpoint is None:
-            prepare_run_dir(out, config, overwrite=overwrite)
-            clear_checkpoints(out)
-        _remove_tree(out / CORPUS_DIR)
-        staging.rename(out / CORPUS_DIR)
+            work = prepare_run_dir(out, config, overwrite=overwrite)
+            clear_checkpoints(work)
+        _remove_tree(work / CORPUS_DIR)
+        staging.rename(work / CORPUS_DIR)
     finally:
         _remove_tree(staging)
-    write_config(out, config)
+    write_config(work, config)
     if on_start is not None:
         on_start({"steps": train_cfg.steps, "resumed_from": checkpoint and checkpoint["step"]})
     try:
-        return _train(out, config, train_cfg, model_cfg, tokenizer, checkpoint, on_step, started)
+        results = _train(work, config, train_cfg, model_cfg, tokenizer, checkpoint, on_step,
+                         started)
     except Exception as exc:
-        mark_failed(out, exc)
+        if work == out:
+            mark_failed(out, exc)
+        discard_staging(work, out)
         raise
+    publish_run(work, out)
+    return results
 
 
 def _train(out: Path, config: dict, train_cfg: PretrainConfig, model_cfg: MiniGPTConfig,

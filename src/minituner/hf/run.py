@@ -103,7 +103,7 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 def load_hf_base(cfg, dtype: torch.dtype, device: torch.device) -> tuple:
     """(base model, :class:`HFBase`): float for LoRA, NF4 for QLoRA."""
     record = base_record(cfg.model, cfg.method, dtype, cfg.quant_scheme)
-    model = load_base(record, device=device)
+    model = load_base(record, device=device, allow_pickle=cfg.allow_pickle)
     return model, HFBase(record, base_fingerprint(model), model.config.model_type)
 
 

@@ -40,7 +40,7 @@ DEFAULT_STEPS = KIND_DEFAULTS["minigpt"]["steps"]
 KIND_REFUSES = {
     "minigpt": {name: "it applies to transformers (hf:) models only" for name in (
         "val_fraction", "use_rslora", "max_len", "strict_len", "chat_template",
-        "grad_checkpointing", "dtype")},
+        "grad_checkpointing", "dtype", "allow_pickle")},
     "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
                      "run has",
            "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
@@ -64,7 +64,7 @@ SETTING_NEEDS = {
 }
 
 # Settings recorded in config.json that a --resume may change (they do not decide results).
-RUNTIME_FIELDS = ("threads",)
+RUNTIME_FIELDS = ("threads", "allow_pickle", "verify_base")
 
 
 def check_given_settings(given: dict, method: str) -> None:
@@ -146,6 +146,8 @@ class FinetuneConfig:
     dtype: str = "auto"
     threads: int = 1
     allow_unk: bool = False  # Mini-GPT: train on completions that are mostly <unk>
+    allow_pickle: bool = False  # hf: read a base folder that holds only pickle weights
+    verify_base: bool = True  # False: a --resume may go on over a base whose fingerprint changed
 
     @property
     def kind(self) -> str:

@@ -38,10 +38,14 @@ from minituner.training.runs import (
     RESULTS_FILE,
     RUN_FORMAT,
     clear_checkpoints,
+    discard_staging,
     mark_failed,
     prepare_run_dir,
+    publish_run,
     resume_state,
     run_status,
+    run_work_dir,
+    with_relative_base,
 )
 from minituner.training.sampling import MixedBatches
 from minituner.util.files import (
@@ -137,11 +141,12 @@ def _write_data(out: Path, prepared: Prepared) -> None:
 
 def _start_run_folder(out: Path, config: dict, prepared: Prepared, fresh: bool,
                       overwrite: bool) -> None:
+    work = out
     if fresh:
-        prepare_run_dir(out, config, overwrite)
-        clear_checkpoints(out)
-    atomic_write_json(out / "config.json", config)
-    _write_data(out, prepared)
+        work = prepare_run_dir(out, config, overwrite)
+        clear_checkpoints(work)
+    atomic_write_json(work / "config.json", config)
+    _write_data(work, prepared)
 
 
 def check_inputs_apart(cfg: FinetuneConfig, out_dir) -> None:
@@ -163,6 +168,8 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
     ``writer_enabled=False`` makes this process write nothing. ``resume`` on a finished run
     trains nothing and returns its results.json with ``"already_complete": True``. A run that
     stops on an error is marked failed (``failed.json``), so the corrected command replaces it.
+    With ``overwrite``, a folder that holds an old run stays whole while the new one trains in
+    a staging folder beside it, and is replaced only by the finished run.
     """
     started = time.perf_counter()
     cfg.validate()
@@ -170,7 +177,7 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
     check_inputs_apart(cfg, out)
     info = backend.setup(cfg)
     prepared = backend.prepare(cfg)
-    config = run_config(backend, cfg, prepared)
+    config = with_relative_base(run_config(backend, cfg, prepared), out)
     D.barrier()  # every process reads the folder's old config before rank 0 touches it
     checkpoint = resume_state(out, config) if resume else None
     D.barrier()
@@ -189,7 +196,9 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, steps, int(cfg.warmup * steps))
     loss_fn = backend.loss_fn(cfg, model)
-    writer = RunWriter(out, enabled=writer_enabled and info.is_main)
+    work = out if checkpoint is not None else run_work_dir(out, overwrite)
+    D.barrier()  # every process has seen whether --out held something before it is touched
+    writer = RunWriter(work, enabled=writer_enabled and info.is_main)
     writer.write(_start_run_folder, out, config, prepared, checkpoint is None, overwrite)
     D.barrier()
     if on_start is not None:
@@ -209,19 +218,28 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
                      on_step=step_hook, resume=checkpoint, reduce_count=D.reduce_count,
                      reduce_loss=D.reduce_float)
     except Exception as exc:
-        writer.write(mark_failed, out, exc)
+        writer.write(_stop_failed, work, out, exc)
         raise
     results = backend.results(cfg, TrainedRun(model, optimizer, loss_fn, batches, result, steps,
                                               info))
-    writer.write(backend.save, cfg, model, out)
-    writer.write(_write_manifest, out, cfg, backend.manifest_fields())
+    writer.write(backend.save, cfg, model, work)
+    writer.write(_write_manifest, work, cfg, backend.manifest_fields())
     writer.write_log(result.log)
-    writer.write(plot_loss, result.log, out / "loss.png", title=backend.plot_title(cfg))
+    writer.write(plot_loss, result.log, work / "loss.png", title=backend.plot_title(cfg))
     results["wall_s"] = time.perf_counter() - started
     results["peak_rss_bytes"] = peak_rss_bytes()
-    writer.write(atomic_write_json, out / "results.json", results)
+    writer.write(atomic_write_json, work / "results.json", results)
+    writer.write(publish_run, work, out)
     D.barrier()
     return results
+
+
+def _stop_failed(work: Path, out: Path, error: BaseException) -> None:
+    """A run in its own folder is marked failed; a replacement run's staging folder goes."""
+    if work == out:
+        mark_failed(out, error)
+    else:
+        discard_staging(work, out)
 
 
 def _write_manifest(out: Path, cfg: FinetuneConfig, extra: dict) -> None:

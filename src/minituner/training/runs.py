@@ -26,6 +26,7 @@ longer equals an uninterrupted run of either length.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import warnings
@@ -45,10 +46,12 @@ from minituner.training.config import RUNTIME_FIELDS
 from minituner.util.files import (
     atomic_save_safetensors,
     atomic_write_json,
+    fsync_tree,
     load_safetensors,
     read_json,
     recover_directory,
     remove_directory,
+    replace_directory,
 )
 
 MODEL_FILE = "model.safetensors"
@@ -60,7 +63,8 @@ FAILED_FILE = "failed.json"  # written when training stops on an error
 RUN_KINDS = ("pretrain", "finetune", "finetune-hf", "merged")  # config.json "kind"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_MARKERS = ("merge_report.json",)  # a merged transformers directory
-RESUME_MAY_CHANGE = ("threads", "process count", "device", "a larger steps or epochs")
+RESUME_MAY_CHANGE = ("threads", "process count", "device", "--allow-pickle",
+                     "the base's fingerprint with --no-verify-base", "a larger steps or epochs")
 _GROWABLE = ("steps", "epochs")  # a resume may raise these (the schedule is recomputed)
 _TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_write's temp files (mkstemp)
 
@@ -90,6 +94,8 @@ def resume_state(out_dir: str | Path, config: dict) -> dict | None:
     if not (out / CONFIG_FILE).is_file():
         return None
     old = check_run_format(read_json(out / CONFIG_FILE, "run config"), out / CONFIG_FILE)
+    if config.get("finetune", {}).get("verify_base") is False:
+        old = _unverified_base(old, config, out)
     differences = resume_differences(old, config)
     if differences:
         shown = "; ".join(f"{name}: run {a!r}, now {b!r}" for name, a, b in differences[:4])
@@ -102,6 +108,18 @@ def resume_state(out_dir: str | Path, config: dict) -> dict | None:
         warnings.warn(f"{out}: checkpoint {names} is damaged (a crash during its write?); "
                       f"resuming from the previous one, step {state['step']}", stacklevel=2)
     return state
+
+
+def _unverified_base(old: dict, new: dict, out: Path) -> dict:
+    """``old`` with its base fingerprint taken from ``new`` (--no-verify-base), warning when
+    they differ: the resumed run goes on over a base other than the one it started on."""
+    old_base, new_base = old.get("base"), new.get("base")
+    if not (isinstance(old_base, dict) and isinstance(new_base, dict)):
+        return old
+    if old_base.get("fingerprint") != new_base.get("fingerprint"):
+        warnings.warn(f"{out}: the base's fingerprint differs from the one this run started on; "
+                      "resuming anyway (--no-verify-base)", stacklevel=3)
+    return {**old, "base": {**old_base, "fingerprint": new_base.get("fingerprint")}}
 
 
 def remove_stale_tmp(run_dir: str | Path) -> list:
@@ -166,9 +184,13 @@ def _is_run_config(config: Any) -> bool:
 
 
 def steps_done(out_dir: str | Path) -> int:
-    """Steps an unfinished run saved in its newest checkpoint (0 without one)."""
-    path = latest_checkpoint(out_dir)
-    return int(path.name[len("step-"):-len(".pt")]) if path else 0
+    """Steps an unfinished run saved in its newest readable checkpoint, the one a --resume
+    starts from (0 without one; a damaged newest checkpoint does not count)."""
+    try:
+        state, _ = load_latest_checkpoint(out_dir)
+    except ValueError:  # none readable, or one holding NaN: nothing to resume
+        return 0
+    return int(state["step"]) if state else 0
 
 
 def refuse_unfinished(out_dir: str | Path) -> None:
@@ -239,26 +261,84 @@ def load_base_run(base_dir: str | Path) -> tuple:
     return load_model(base)
 
 
+def with_relative_base(config: dict, out_dir: str | Path) -> dict:
+    """``config`` whose ``base`` section also records its ``path`` relative to the run folder
+    (``relative_path``), so a run and its base moved together keep working."""
+    base = config.get("base")
+    if not isinstance(base, dict) or not isinstance(base.get("path"), str):
+        return config
+    try:
+        relative = os.path.relpath(Path(base["path"]).resolve(), Path(out_dir).resolve())
+    except ValueError:  # another drive (Windows): no relative path exists
+        return config
+    return {**config, "base": {**base, "relative_path": Path(relative).as_posix()}}
+
+
+def recorded_base_path(config: dict, run_dir: str | Path, marker: str) -> str:
+    """The base folder a run's config.json records: ``relative_path`` seen from the run folder
+    when a base is there (it holds ``marker``; run and base moved together), else ``path``.
+    A missing or malformed ``base`` is a one-line ValueError naming the field."""
+    run = Path(run_dir)
+    base = config.get("base")
+    where = run / CONFIG_FILE
+    if base is None:
+        raise ValueError(f"{where}: field 'base' missing (the run does not say its base)")
+    if not isinstance(base, dict) or not isinstance(base.get("path"), str):
+        raise ValueError(f"{where}: field 'base' must be an object with a string 'path', "
+                         f"got {base!r:.60}")
+    relative = base.get("relative_path")
+    if isinstance(relative, str) and relative and (run / relative / marker).is_file():
+        return str((run / relative).resolve())
+    return base["path"]
+
+
 def run_identity(config: dict) -> dict:
     """The part of a run's config that decides whether two runs are the same run."""
     return {k: v for k, v in config.items() if k not in ("created", "wall_s")}
 
 
+def run_work_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """The folder a run trains into: ``out_dir`` itself, or, when ``overwrite`` replaces a
+    folder that holds something, a staging folder beside it (``.NAME.new-run``) that
+    :func:`publish_run` swaps in once the run is complete. Every process computes the same."""
+    out = Path(out_dir)
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        return out.parent / f".{out.name}.new-run"
+    return out
+
+
 def prepare_run_dir(out_dir: str | Path, config: dict, overwrite: bool = False) -> Path:
-    """Create ``out_dir`` for a run, refusing one that holds something else (module docstring:
-    the rules); with ``overwrite`` an old minituner folder is removed (atomically)."""
+    """Create the folder a run trains into (:func:`run_work_dir`), refusing an ``out_dir`` that
+    holds something else (module docstring: the rules); returns it. With ``overwrite`` the old
+    minituner folder stays whole until :func:`publish_run` replaces it with the finished run."""
     out = Path(out_dir)
     recover_directory(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: --out exists and is not a folder")
-    if overwrite:
+    work = run_work_dir(out, overwrite)
+    if work != out:
         check_replaceable(out)
-        remove_directory(out)
+        shutil.rmtree(work, ignore_errors=True)
     elif out.is_dir() and any(out.iterdir()):
         _check_reusable(out, config)
         remove_stale_tmp(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def publish_run(work_dir: str | Path, out_dir: str | Path) -> None:
+    """Put a finished run trained in a staging folder at ``out_dir``: the old folder goes only
+    once the new one is complete and fsynced, and a kill leaves one or the other whole."""
+    work, out = Path(work_dir), Path(out_dir)
+    if work != out:
+        fsync_tree(work)
+        replace_directory(work, out)
+
+
+def discard_staging(work_dir: str | Path, out_dir: str | Path) -> None:
+    """Remove the staging folder of a run that stopped; the old ``out_dir`` stays as it was."""
+    if Path(work_dir) != Path(out_dir):
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _check_reusable(out: Path, config: dict) -> None:
