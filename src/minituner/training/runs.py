@@ -16,9 +16,14 @@ Starting a run over a folder:
   holds nothing to keep; every check that can refuse a run runs before its folder is made;
 - any other different run needs --overwrite.
 
+``--overwrite`` of a folder that holds something trains in a staging folder beside it
+(:func:`run_work_dir`) and swaps the finished run in (:func:`publish_run`): a kill at any moment
+leaves the old folder or the new one whole.
+
 What a ``--resume`` may change (everything else is refused naming the settings and both
 values), :data:`RESUME_MAY_CHANGE`: the thread count, the process count and the device (they
-are not part of config.json), and a larger ``steps`` or ``epochs``. With a larger total the
+are not part of config.json), ``allow_pickle``, the base's fingerprint when ``verify_base`` is
+False (with a warning), and a larger ``steps`` or ``epochs``. With a larger total the
 learning-rate schedule is recomputed for the new total (warmup and cosine decay as if the run
 had been planned that long; the resumed step continues on that curve), so such a run no
 longer equals an uninterrupted run of either length.
