@@ -190,3 +190,21 @@ def test_resume_over_a_changed_base_needs_no_verify_base(tiny_base_run, tmp_path
     captured = capsys.readouterr()
     assert "resuming from step 4 of 4" in captured.out
     assert "fingerprint differs" in captured.err
+
+
+def test_a_run_moved_with_its_base_still_resumes(tiny_base_run, tmp_path, capsys):
+    import shutil
+
+    from minituner.cli import main
+
+    shutil.copytree(tiny_base_run, tmp_path / "a" / "base")
+    flags = ["--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--eval-every", "2"]
+    assert main(["finetune", "--base", str(tmp_path / "a" / "base"), "--out",
+                 str(tmp_path / "a" / "run"), *flags]) == 0
+    (tmp_path / "a" / "run" / "results.json").unlink()  # as if killed after its last checkpoint
+    (tmp_path / "a").rename(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["finetune", "--base", str(tmp_path / "b" / "base"), "--out",
+                 str(tmp_path / "b" / "run"), *flags, "--resume"]) == 0
+    assert "resuming from step 4 of 4" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "b" / "run")]) == 0

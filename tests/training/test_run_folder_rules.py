@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from minituner.training.runs import (
     check_replaceable,
@@ -31,7 +32,8 @@ def write_run(folder, config=CONFIG, finished=False, checkpoint_step=None):
         (folder / "results.json").write_text("{}")
     if checkpoint_step is not None:
         (folder / "checkpoints").mkdir(exist_ok=True)
-        (folder / "checkpoints" / f"step-{checkpoint_step:06d}.pt").write_bytes(b"x")
+        torch.save({"step": checkpoint_step, "trainable": {}},
+                   folder / "checkpoints" / f"step-{checkpoint_step:06d}.pt")
     return folder
 
 

@@ -99,6 +99,7 @@ def resume_state(out_dir: str | Path, config: dict) -> dict | None:
     if not (out / CONFIG_FILE).is_file():
         return None
     old = check_run_format(read_json(out / CONFIG_FILE, "run config"), out / CONFIG_FILE)
+    old = _moved_base(old, config)
     if config.get("finetune", {}).get("verify_base") is False:
         old = _unverified_base(old, config, out)
     differences = resume_differences(old, config)
@@ -113,6 +114,19 @@ def resume_state(out_dir: str | Path, config: dict) -> dict | None:
         warnings.warn(f"{out}: checkpoint {names} is damaged (a crash during its write?); "
                       f"resuming from the previous one, step {state['step']}", stacklevel=2)
     return state
+
+
+def _moved_base(old: dict, new: dict) -> dict:
+    """``old`` with the new base path when the run and its base moved together (the same
+    ``relative_path``): the base is still the same one, at the same place beside the run."""
+    old_base, new_base = old.get("base"), new.get("base")
+    if not (isinstance(old_base, dict) and isinstance(new_base, dict)):
+        return old
+    relative = old_base.get("relative_path")
+    if relative is None or relative != new_base.get("relative_path"):
+        return old
+    finetune = {**old.get("finetune", {}), "model": new.get("finetune", {}).get("model")}
+    return {**old, "base": {**old_base, "path": new_base.get("path")}, "finetune": finetune}
 
 
 def _unverified_base(old: dict, new: dict, out: Path) -> dict:
