@@ -129,6 +129,20 @@ def adapter_section_string(w, t):
     return ["eval", "--model", str(run)], ["adapter_config.json", "'minituner'"]
 
 
+def dora_adapter_without_magnitudes(w, t):
+    run = copy_with(w["mg"], t / "run", "adapter/adapter_config.json",
+                    lambda c: {**c, "use_dora": True})
+    return (["eval", "--model", str(run)],
+            ["adapter_model.safetensors", "no lora_magnitude_vector", "use_dora=true"])
+
+
+def adapter_use_dora_not_bool(w, t):
+    adapter = copy_with(w["hf"] / "adapter", t / "adapter", "adapter_config.json",
+                        lambda c: {**c, "use_dora": "yes"})
+    return (["generate", "--model", f"hf:{w['toy']}", "--adapter", str(adapter)],
+            ["adapter_config.json", "use_dora must be true or false"])
+
+
 def hf_adapter_config_list(w, t):
     adapter = copy_with(w["hf"] / "adapter", t / "adapter", "adapter_config.json", lambda c: [c])
     return (["generate", "--model", f"hf:{w['toy']}", "--adapter", str(adapter)],
@@ -233,6 +247,13 @@ CASES = [
                                                  "nf4_per_group_64"),
                                         ["--quant-scheme", "--method lora"])),
     ("hf-full-method", lambda w, t: (hf_finetune(w, t / "o", "--method", "full"), ["--method"])),
+    ("dora-quant-scheme", lambda w, t: (finetune(w, t / "o", "--method", "dora",
+                                                 "--quant-scheme", "nf4_per_group_64"),
+                                        ["--quant-scheme", "--method dora", "qdora"])),
+    ("hf-dora-rank-0", lambda w, t: (hf_finetune(w, t / "o", "--method", "dora", "--rank", "0"),
+                                     ["--rank"])),
+    ("dora-adapter-without-magnitudes", dora_adapter_without_magnitudes),
+    ("adapter-use-dora-not-bool", adapter_use_dora_not_bool),
     ("val-data-without-train-data", lambda w, t: (finetune(w, t / "o", "--val-data",
                                                            str(w["data"])),
                                                   ["--val-data", "--train-data"])),

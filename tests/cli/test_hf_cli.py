@@ -124,7 +124,8 @@ def test_unknown_device_is_one_line(tmp_path, toy_hf_model, capsys):
     (["--replay", "0.5"], "--replay cannot be used with transformers (hf:) models"),
     (["--kl", "1"], "--kl cannot be used with transformers (hf:) models"),
     (["--replay", "0.5", "--kl", "1"], "--replay cannot be used with transformers (hf:) models"),
-    (["--method", "full"], "--method must be one of ['lora', 'qlora'] for transformers"),
+    (["--method", "full"],
+     "--method must be one of ['lora', 'qlora', 'dora', 'qdora'] for transformers"),
     (["--dropout", "1.5"], "--dropout"),
 ])
 def test_a_setting_the_model_kind_cannot_use_is_one_line(tmp_path, capsys, flags, message):

@@ -236,7 +236,7 @@ def test_bad_config_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json"):
         load_adapter(base_model(), tmp_path)
     config = json.loads(original)
-    for field, value in (("use_dora", True), ("fan_in_fan_out", True), ("bias", "all"),
+    for field, value in (("use_dora", "yes"), ("fan_in_fan_out", True), ("bias", "all"),
                          ("r", -1), ("lora_alpha", 0), ("peft_type", "IA3")):
         config_path.write_text(json.dumps({**config, field: value}))
         model = base_model()

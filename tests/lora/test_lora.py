@@ -337,6 +337,7 @@ def test_rank_and_alpha_patterns_and_config_record():
     assert model.blocks[0].attn.q_proj.scaling == 2.0
     assert model_lora_config(model).to_dict() == {
         "r": 4, "alpha": 8.0, "dropout": 0.0, "init": "gaussian", "use_rslora": False,
+        "use_dora": False,
         "target_modules": list(MINIGPT_TARGETS), "rank_pattern": {"fc1": 2},
         "alpha_pattern": {"blocks.1.attn.q_proj": 3.0}, "seed": None,
     }

@@ -71,7 +71,8 @@ def test_each_model_kind_keeps_its_defaults():
 @pytest.mark.parametrize("kind, values, message", [
     ("hf", {"replay": 0.5}, "--replay cannot be used with transformers (hf:) models"),
     ("hf", {"kl": 1.0, "replay": 0.0}, "--kl cannot be used with transformers (hf:) models"),
-    ("hf", {"method": "full"}, "--method must be one of ['lora', 'qlora'] for transformers"),
+    ("hf", {"method": "full"},
+     "--method must be one of ['lora', 'qlora', 'dora', 'qdora'] for transformers"),
     ("hf", {"dropout": 1.5}, "--dropout must be a fraction in [0, 1), got 1.5"),
     ("minigpt", {"max_len": 8}, "--max-len cannot be used with Mini-GPT models"),
     ("minigpt", {"chat_template": True}, "--chat-template cannot be used with Mini-GPT models"),

@@ -67,8 +67,9 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                             help="the base to fine-tune: a Mini-GPT run folder (like --base) or "
                                  "hf:DIR, a transformers model directory")
     if method:
-        parser.add_argument("--method", default=None, metavar="{lora,qlora,full}",
-                            help="lora, qlora or full (Mini-GPT only) (default lora)")
+        parser.add_argument("--method", default=None, metavar="{lora,qlora,dora,qdora,full}",
+                            help="lora, qlora (NF4 base), dora (DoRA), qdora (DoRA on an NF4 "
+                                 "base) or full (Mini-GPT only) (default lora)")
         parser.add_argument("--rank", type=nonneg_int, default=None,
                             help=f"LoRA rank r {default('rank')}")
     parser.add_argument("--alpha", type=positive_float, default=None,

@@ -37,7 +37,13 @@ from minituner.quant.qlora import wrap_minigpt_qlora
 from minituner.training import distributed as D
 from minituner.training import pipeline
 from minituner.training.accounting import training_state_bytes
-from minituner.training.config import DEFAULT_STEPS, METHODS, FinetuneConfig
+from minituner.training.config import (
+    DEFAULT_STEPS,
+    METHODS,
+    FinetuneConfig,
+    base_method,
+    uses_dora,
+)
 from minituner.training.evaluation import make_validator
 from minituner.training.loop import total_steps
 from minituner.training.runs import load_base_run, save_model
@@ -117,13 +123,14 @@ def build_trainable(model, cfg: FinetuneConfig) -> tuple:
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
         model.requires_grad_(True)
         return model, frozen
-    if cfg.method == "lora":
+    dora = uses_dora(cfg.method)  # dora / qdora: DoRA layers on a float / NF4 base
+    if base_method(cfg.method) == "lora":
         model = wrap_minigpt_with_lora(model, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed,
-                                       **_targets(cfg))
+                                       use_dora=dora, **_targets(cfg))
     else:
         torch.manual_seed(cfg.seed)
         model = wrap_minigpt_qlora(model, r=cfg.rank, alpha=cfg.alpha,
-                                   quant_scheme=cfg.quant_scheme)
+                                   quant_scheme=cfg.quant_scheme, use_dora=dora)
 
     def reference(input_ids):
         with disable_adapters(model):
@@ -220,7 +227,7 @@ class MiniGPTBackend:
         results = _results(cfg, self.before, after, run.fit, run.steps, run.batches, run.model,
                            tensor_bytes)
         results["unk"] = self.data.unk.to_dict()
-        if cfg.method == "qlora":
+        if base_method(cfg.method) == "qlora":
             results["qlora"] = qlora_comparison(self.base_dir, run.model, cfg, self.data,
                                                 run.loss_fn, run.batches, self.tokenizer)
         return results

@@ -15,6 +15,7 @@ from minituner.course.finetune import load_base
 from minituner.lora.adapters import base_fingerprint, load_adapter
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.qlora import wrap_minigpt_qlora
+from minituner.training.config import ADAPTER_METHODS
 from minituner.training.runs import MODEL_FILE, load_run_config, recorded_base_path
 from minituner.util.files import read_json
 
@@ -39,6 +40,7 @@ def _adapter_settings(adapter_dir: Path) -> dict:
         scheme = (read_json(run_config).get("finetune") or {}).get("quant_scheme", scheme)
     return {
         "r": config.get("r", 8), "alpha": config.get("lora_alpha", 8),
+        "use_dora": config.get("use_dora") is True,
         "targets": section.get("target_modules_requested") or config.get("target_modules"),
         "fingerprint": (section.get("base_fingerprint") or {}).get("value"),
         "quant_scheme": scheme,
@@ -59,7 +61,8 @@ def attach_adapter(model, adapter_dir, verify_base: bool = True) -> tuple:
     extra = {"target_modules": targets} if isinstance(targets, (list, str)) else {}
     quantized = wrap_minigpt_qlora(copy.deepcopy(model), r=int(settings["r"]),
                                    alpha=float(settings["alpha"]),
-                                   quant_scheme=settings["quant_scheme"], **extra)
+                                   quant_scheme=settings["quant_scheme"],
+                                   use_dora=settings["use_dora"], **extra)
     if base_fingerprint(quantized) != saved:
         if not verify_base:
             return load_adapter(model, adapter_dir, strict=False), "lora"
@@ -82,7 +85,7 @@ def load_run(run_dir, adapter=None, verify_base: bool = True) -> tuple:
     (``verify_base=False``: an adapter from another base is attached with a warning)."""
     run = Path(run_dir)
     config = load_run_config(run)
-    if config.get("kind") == "finetune" and config.get("method") in ("lora", "qlora"):
+    if config.get("kind") == "finetune" and config.get("method") in ADAPTER_METHODS:
         base = Path(recorded_base(config, run))
         model, tokenizer, _ = load_base(base)
         adapter = adapter or run / "adapter"

@@ -20,6 +20,7 @@ from minituner.lora import (
 )
 from minituner.quant.qlora import QuantizedLinear, logit_difference
 from minituner.training.accounting import training_state_bytes
+from minituner.training.config import uses_dora
 from minituner.training.loop import build_optimizer
 from minituner.training.memory import plan_memory
 from minituner.training.runs import load_base_run
@@ -94,7 +95,8 @@ def qlora_comparison(base_dir, qlora_model, cfg, prepared, loss_fn, batches, tok
     """Logit difference of the trained adapter on NF4 vs fp32 bases, and the memory table."""
     twin, _, _ = load_base_run(base_dir)
     targets = {} if cfg.targets is None else {"target_modules": list(cfg.targets)}
-    wrap_minigpt_with_lora(twin, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed, **targets)
+    wrap_minigpt_with_lora(twin, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed,
+                           use_dora=uses_dora(cfg.method), **targets)
     load_lora_state_dict(twin, lora_state_dict(qlora_model))
     probe = _logit_probe(tokenizer, prepared.control_texts)
     difference = logit_difference(qlora_model, twin, probe).to_dict()

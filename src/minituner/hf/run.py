@@ -21,6 +21,7 @@ from minituner.hf.models import (
 )
 from minituner.lora.adapters import base_fingerprint
 from minituner.quant.qlora import QuantizedLinear
+from minituner.training.config import base_method, uses_dora
 from minituner.util.files import sha256_json
 
 
@@ -102,7 +103,7 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
 
 def load_hf_base(cfg, dtype: torch.dtype, device: torch.device) -> tuple:
     """(base model, :class:`HFBase`): float for LoRA, NF4 for QLoRA."""
-    record = base_record(cfg.model, cfg.method, dtype, cfg.quant_scheme)
+    record = base_record(cfg.model, base_method(cfg.method), dtype, cfg.quant_scheme)
     model = load_base(record, device=device, allow_pickle=cfg.allow_pickle)
     return model, HFBase(record, base_fingerprint(model), model.config.model_type)
 
@@ -111,7 +112,8 @@ def add_lora(model: nn.Module, cfg) -> nn.Module:
     """LoRA on the base's Linears (``cfg.targets``, default all), in training mode."""
     targets = ",".join(cfg.targets) if cfg.targets else ALL_LINEAR
     apply_hf_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                  init="kaiming", use_rslora=cfg.use_rslora, seed=cfg.seed)
+                  init="kaiming", use_rslora=cfg.use_rslora, seed=cfg.seed,
+                  use_dora=uses_dora(cfg.method))
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model.train()

@@ -4,6 +4,7 @@ re-exported here. Nothing in this package imports quantization code."""
 
 from minituner.lora.base import DenseBase, FrozenBase, frozen_base
 from minituner.lora.config import LoRAConfig
+from minituner.lora.dora import DoRALinear, dora_layers
 from minituner.lora.inject import (
     apply_lora,
     count_lora_params,
@@ -51,7 +52,8 @@ from minituner.lora.targets import (
 )
 
 __all__ = [
-    "DenseBase", "FrozenBase", "LoRAConfig", "frozen_base", "model_lora_config",
+    "DenseBase", "DoRALinear", "dora_layers", "FrozenBase", "LoRAConfig", "frozen_base",
+    "model_lora_config",
     "set_model_lora_config",
     "ALL_LINEAR", "KNOWN_INITS", "MINIGPT_TARGETS", "LoRALinear", "MergeReport", "apply_lora",
     "check_alpha", "check_dropout", "check_init", "check_patterns", "check_rank",

@@ -1,7 +1,8 @@
 """Saving and loading LoRA adapters in Hugging Face PEFT's directory layout.
 
 A directory holds ``adapter_model.safetensors`` (keys
-``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r))
+``base_model.model.<module path>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r), and
+for DoRA ``...lora_magnitude_vector`` (out,) with ``use_dora: true`` in the config, as PEFT)
 and ``adapter_config.json`` (PEFT's LoraConfig fields plus a ``minituner`` section). PEFT reads
 the directory (except rank 0, which PEFT rejects), and minituner reads PEFT-saved LoRA adapters.
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from minituner.lora.config import LoRAConfig
+from minituner.lora.dora import DoRALinear
 from minituner.lora.inject import (
     install_lora_layers,
     is_lora_name,
@@ -69,13 +71,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
 KEY_PREFIX = "base_model.model."
-_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?:lora_(?P<part>[AB])\.weight"
+                  r"|(?P<magnitude>lora_magnitude_vector))$")
 # minituner init name <-> PEFT init_lora_weights. PEFT has no variance-1/r Gaussian; "gaussian"
 # (std 1/r) is the nearest PEFT value, and the minituner section records the real init.
 _PEFT_INIT = {"kaiming": True, "gaussian_std": "gaussian", "gaussian": "gaussian"}
 _INIT_STD = {"gaussian": "1/sqrt(r)", "gaussian_std": "1/r", "kaiming": "uniform +-1/sqrt(in)"}
 # PEFT options that change the math or add tensors minituner does not implement.
-_UNSUPPORTED = ("use_dora", "modules_to_save", "lora_bias", "layer_replication",
+_UNSUPPORTED = ("modules_to_save", "lora_bias", "layer_replication",
                 "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
                 "use_qalora", "use_bdlora")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -243,10 +246,14 @@ def save_adapter(
         raise ValueError("model's adapters are merged into the base; call unmerge_lora first")
     settings = config.to_dict()
     directory = Path(directory)
+    use_dora = _uses_dora(layers)
     tensors = {}
     for name, layer in layers:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu()
+        if use_dora:
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = (
+                layer.lora_magnitude_vector.detach().cpu())
     init = settings["init"]
     wrapped = [name for name, _ in layers]
     section = {
@@ -283,7 +290,7 @@ def save_adapter(
         "target_modules": _peft_target_modules(model, settings["target_modules"], wrapped),
         "bias": "none", "use_rslora": settings["use_rslora"],
         "fan_in_fan_out": any(source_fan_in_fan_out(layer.base) for _, layer in layers),
-        "use_dora": False, "init_lora_weights": _PEFT_INIT[init], "modules_to_save": None,
+        "use_dora": use_dora, "init_lora_weights": _PEFT_INIT[init], "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "rank_pattern": settings["rank_pattern"], "alpha_pattern": settings["alpha_pattern"],
         "revision": None, "layers_to_transform": None, "layers_pattern": None,
@@ -292,6 +299,14 @@ def save_adapter(
     atomic_save_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     atomic_write_json(directory / CONFIG_NAME, config)
     return directory
+
+
+def _uses_dora(layers: list) -> bool:
+    """True when every LoRA layer is a DoRA layer; a mix has no PEFT config and is refused."""
+    dora = {isinstance(layer, DoRALinear) for _, layer in layers}
+    if len(dora) > 1:
+        raise ValueError("model mixes DoRA and plain LoRA layers; an adapter file holds one kind")
+    return dora.pop()
 
 
 def _with_relative_path(extra, directory: Path):
@@ -327,6 +342,7 @@ def _parse_config(config: dict, path: Path) -> dict:
             "alpha": check_alpha(config["lora_alpha"], "lora_alpha"),
             "dropout": check_dropout(config.get("lora_dropout", 0.0), "lora_dropout"),
             "use_rslora": _check_bool(config.get("use_rslora", False), "use_rslora"),
+            "use_dora": _check_bool(config.get("use_dora", False), "use_dora"),
             "fan_in_fan_out": _check_bool(config.get("fan_in_fan_out", False), "fan_in_fan_out"),
             "rank_pattern": check_patterns(config.get("rank_pattern"), "rank_pattern", check_rank),
             "alpha_pattern": check_patterns(
@@ -389,30 +405,44 @@ def _init_name(peft_value, section) -> str:
     return "kaiming"
 
 
-def _parse_tensors(tensors: dict, path: Path) -> dict:
-    """{module path: (A, B)} from PEFT keys; anything else is an error naming the key."""
+def _parse_tensors(tensors: dict, path: Path, use_dora: bool = False) -> dict:
+    """{module path: (A, B)}, or (A, B, magnitude) with ``use_dora``, from PEFT keys; anything
+    else is an error naming the key."""
     pairs: dict = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{path}: unexpected tensor {key!r} (expected {KEY_PREFIX}"
-                             "<module>.lora_A.weight / .lora_B.weight)")
-        if tensor.ndim != 2 or not tensor.is_floating_point():
-            raise ValueError(f"{path}: {key} must be a 2-D float tensor, got {tuple(tensor.shape)}")
-        pairs.setdefault(match["path"], {})[match["part"]] = tensor
+                             "<module>.lora_A.weight / .lora_B.weight / .lora_magnitude_vector)")
+        part, ndim = ("M", 1) if match["magnitude"] else (match["part"], 2)
+        if part == "M" and not use_dora:
+            raise ValueError(f"{path}: {key} is a DoRA magnitude but the config has "
+                             "use_dora=false")
+        if tensor.ndim != ndim or not tensor.is_floating_point():
+            raise ValueError(f"{path}: {key} must be a {ndim}-D float tensor, "
+                             f"got {tuple(tensor.shape)}")
+        pairs.setdefault(match["path"], {})[part] = tensor
     for module, parts in pairs.items():
-        if set(parts) != {"A", "B"}:
-            raise ValueError(f"{path}: {module} has lora_{''.join(parts)} but not both A and B")
+        if not {"A", "B"} <= set(parts):
+            raise ValueError(f"{path}: {module} has lora_{''.join(sorted(set(parts) - {'M'}))} "
+                             "but not both A and B")
+        if use_dora and "M" not in parts:
+            raise ValueError(f"{path}: {module} has no lora_magnitude_vector but the config has "
+                             "use_dora=true")
         if parts["A"].shape[0] != parts["B"].shape[1]:
             raise ValueError(f"{path}: {module} lora_A {tuple(parts['A'].shape)} and lora_B "
                              f"{tuple(parts['B'].shape)} disagree on the rank")
-    return {module: (parts["A"], parts["B"]) for module, parts in pairs.items()}
+        if use_dora and parts["M"].shape[0] != parts["B"].shape[0]:
+            raise ValueError(f"{path}: {module} lora_magnitude_vector {tuple(parts['M'].shape)} "
+                             f"does not match lora_B {tuple(parts['B'].shape)}'s out dimension")
+    order = ("A", "B", "M") if use_dora else ("A", "B")
+    return {module: tuple(parts[p] for p in order) for module, parts in pairs.items()}
 
 
 def _check_shapes(path: Path, module: str, layer_shape: tuple, pair: tuple, settings: dict) -> int:
     """The rank the file gives ``module``, after checking it against the config and the model."""
     fan_in, fan_out = layer_shape
-    lora_a, lora_b = pair
+    lora_a, lora_b = pair[:2]
     rank = lora_a.shape[0]
     expected = pattern_value(settings["rank_pattern"], module, settings["r"])
     if rank != expected:
@@ -434,16 +464,24 @@ def _plan_plain(model: nn.Module, pairs: dict, settings: dict, path: Path) -> di
         if base is None or not is_linear_like(base):
             raise ValueError(f"{path}: the model has no Linear named {module!r}")
         rank = _check_shapes(path, module, linear_features(base), pair, settings)
-        layer = LoRALinear(
+        layer_class = DoRALinear if settings["use_dora"] else LoRALinear
+        layer = layer_class(
             base, r=rank, alpha=pattern_value(settings["alpha_pattern"], module, settings["alpha"]),
             dropout=settings["dropout"], init=settings["init"], use_rslora=settings["use_rslora"],
             freeze_base=False, generator=torch.Generator().manual_seed(0),
         )
-        with torch.no_grad():
-            layer.lora_A.copy_(pair[0])
-            layer.lora_B.copy_(pair[1])
+        _copy_tensors(layer, pair)
         layers[module] = layer
     return layers
+
+
+@torch.no_grad()
+def _copy_tensors(layer: LoRALinear, tensors: tuple) -> None:
+    """Copy (A, B) or (A, B, magnitude) from the file into the layer."""
+    layer.lora_A.copy_(tensors[0])
+    layer.lora_B.copy_(tensors[1])
+    if len(tensors) == 3:
+        layer.lora_magnitude_vector.copy_(tensors[2])
 
 
 def _check_wrapped(model: nn.Module, pairs: dict, settings: dict, path: Path) -> dict:
@@ -456,6 +494,10 @@ def _check_wrapped(model: nn.Module, pairs: dict, settings: dict, path: Path) ->
         raise ValueError(f"{path}: adapter modules differ from the model's LoRA layers: "
                          f"missing in file {missing}, not in model {unexpected}")
     for module, layer in layers.items():
+        if isinstance(layer, DoRALinear) != settings["use_dora"]:
+            kind = "DoRA" if isinstance(layer, DoRALinear) else "plain LoRA"
+            raise ValueError(f"{path}: {module} is a {kind} layer but the adapter has "
+                             f"use_dora={str(settings['use_dora']).lower()}")
         features = (layer.in_features, layer.out_features)
         rank = _check_shapes(path, module, features, pairs[module], settings)
         if rank != layer.r:
@@ -509,7 +551,7 @@ def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
     settings = _parse_config(read_json(config_path, "adapter config"), config_path)
     tensors = load_safetensors(weights_path)
     check_finite(sorted(tensors.items()), str(weights_path))
-    pairs = _parse_tensors(tensors, weights_path)
+    pairs = _parse_tensors(tensors, weights_path, settings["use_dora"])
     if not pairs:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
     _check_layout(model, sorted(pairs), settings, config_path)
@@ -521,13 +563,12 @@ def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
     _check_fingerprint(model, settings, config_path, strict)
     if not wrapped:
         config = LoRAConfig(**{key: settings[key] for key in
-                               ("r", "alpha", "dropout", "init", "use_rslora", "target_modules",
-                                "rank_pattern", "alpha_pattern")})
+                               ("r", "alpha", "dropout", "init", "use_rslora", "use_dora",
+                                "target_modules", "rank_pattern", "alpha_pattern")})
         return install_lora_layers(model, layers, config)
     with torch.no_grad():
         for module, layer in layers.items():
-            layer.lora_A.copy_(pairs[module][0])
-            layer.lora_B.copy_(pairs[module][1])
+            _copy_tensors(layer, pairs[module])
             layer.set_alpha(pattern_value(settings["alpha_pattern"], module, settings["alpha"]),
                             settings["use_rslora"])
     updates = {key: settings[key] for key in

@@ -44,8 +44,9 @@ class FrozenBase(Protocol):
         """``grad W``: a new (tokens, in) gradient of the base's output with respect to x."""
 
     def merged_with(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                    target: str) -> nn.Module:
-        """A frozen module computing this base with ``scaling * B @ A`` added to its weight."""
+                    target: str, row_scale: torch.Tensor | None = None) -> nn.Module:
+        """A frozen module computing this base with ``scaling * B @ A`` added to its weight,
+        then each output row times ``row_scale`` (out,) when given (DoRA's magnitude)."""
 
 
 def is_fan_in_fan_out(base: nn.Module) -> bool:
@@ -121,10 +122,19 @@ class DenseBase:
         delta = delta.t() if self.fan_in_fan_out else delta
         weight.add_((sign * delta).to(device=weight.device, dtype=weight.dtype))
 
+    @torch.no_grad()
+    def scale_rows(self, row_scale: torch.Tensor) -> None:
+        """Multiply each output row of the weight (a column of a Conv1D's) by ``row_scale``."""
+        weight = self.module.weight
+        scale = row_scale.to(device=weight.device, dtype=weight.dtype)
+        weight.mul_(scale[None, :] if self.fan_in_fan_out else scale[:, None])
+
     def merged_with(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                    target: str) -> nn.Module:
-        """The same module, its weight shifted by the update in place."""
+                    target: str, row_scale: torch.Tensor | None = None) -> nn.Module:
+        """The same module, its weight shifted by the update (and rows scaled) in place."""
         self.shift(lora_a, lora_b, scaling, +1.0)
+        if row_scale is not None:
+            self.scale_rows(row_scale)
         return self.module
 
 

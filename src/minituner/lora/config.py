@@ -25,6 +25,7 @@ class LoRAConfig:
     dropout: float = 0.0
     init: str = "gaussian"
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA layers (minituner.lora.dora), PEFT's use_dora
     target_modules: list | str = field(default_factory=list)
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)

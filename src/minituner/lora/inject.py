@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from minituner.lora.config import LoRAConfig
+from minituner.lora.dora import DoRALinear
 from minituner.lora.layer import (
     LoRALinear,
     check_alpha,
@@ -86,8 +87,10 @@ def apply_lora(
     rank_pattern: Mapping | None = None,
     alpha_pattern: Mapping | None = None,
     seed: int | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
-    """Wrap the targeted Linears in place with LoRALinear and freeze the rest; returns the model.
+    """Wrap the targeted Linears in place with LoRALinear (DoRALinear with ``use_dora``) and
+    freeze the rest; returns the model.
 
     All checks run before the model is touched. Every new layer holds the settings as a
     :class:`~minituner.lora.config.LoRAConfig` (read them with :func:`model_lora_config`).
@@ -100,6 +103,8 @@ def apply_lora(
     alpha_pattern = check_patterns(alpha_pattern, "alpha_pattern", check_alpha)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
     names = resolve_target_modules(model, target_modules)
     if not names:
         raise ValueError(f"target_modules {target_modules!r} selects no Linear in the model")
@@ -107,10 +112,11 @@ def apply_lora(
     config = LoRAConfig(
         r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora,
         target_modules=target_modules if target_modules == ALL_LINEAR else list(target_modules),
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, seed=seed,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, seed=seed, use_dora=use_dora,
     )
+    layer_class = DoRALinear if use_dora else LoRALinear
     layers = {
-        name: LoRALinear(
+        name: layer_class(
             model.get_submodule(name),
             r=pattern_value(rank_pattern, name, r),
             alpha=pattern_value(alpha_pattern, name, alpha),

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from minituner.lora import (
     MINIGPT_TARGETS,
+    DoRALinear,
     apply_lora,
     lora_layers,
     resolve_target_modules,
@@ -238,13 +239,16 @@ class QuantizedLinear(nn.Module):
 
     @torch.no_grad()
     def merged_with(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                    target: str) -> nn.Module:
-        """dequantized(W) + scaling * B @ A as an fp32 ``nn.Linear`` ("dequantized"), or that
-        sum quantized again with fresh scales as a QuantizedLinear ("requantized")."""
+                    target: str, row_scale: torch.Tensor | None = None) -> nn.Module:
+        """dequantized(W) + scaling * B @ A (each row times ``row_scale`` when given: DoRA) as
+        an fp32 ``nn.Linear`` ("dequantized"), or that quantized again with fresh scales as a
+        QuantizedLinear ("requantized")."""
         if target not in MERGE_TARGETS:
             raise ValueError(f"target must be one of {list(MERGE_TARGETS)}, got {target!r}")
         weight = self.dequantized_weight(torch.float32)
         weight += scaling * (lora_b.float() @ lora_a.float()).to(weight.device)
+        if row_scale is not None:
+            weight *= row_scale.float().to(weight.device)[:, None]
         if target == "requantized":
             q = quantize_nf4(weight.to(self.weight_dtype), self.blocksize, self.double_quant)
             origin = replace(self.origin, prequantized=False)
@@ -351,7 +355,7 @@ def wrap_minigpt_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0,
                        compute_dtype: torch.dtype | None = None, **lora_kw) -> nn.Module:
     """The course's QLoRA: each target Linear becomes LoRALinear(QuantizedLinear); A, B train.
 
-    ``lora_kw`` go to :func:`minituner.lora.apply_lora` (dropout, init, seed, ...). All
+    ``lora_kw`` go to :func:`minituner.lora.apply_lora` (dropout, init, seed, use_dora, ...). All
     arguments are checked before the model is touched. The bases share one DequantBuffer; read
     the quantization settings back with :func:`quantization_summary`.
     """
@@ -362,6 +366,8 @@ def wrap_minigpt_qlora(model: nn.Module, r: int = 8, alpha: float = 16.0,
     for _, layer in lora_layers(model):
         layer.base = QuantizedLinear.from_linear(layer.base, blocksize, double_quant,
                                                  compute_dtype, buffer)
+        if isinstance(layer, DoRALinear):  # m = ||deq(W)||_c: the NF4 base exactly at step 0
+            layer.reset_magnitude()
     return model
 
 

@@ -16,16 +16,19 @@ from dataclasses import asdict, dataclass, fields, replace
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.util.config import from_dict, typed_values
 
-__all__ = ["DEFAULT_STEPS", "HF_PREFIX", "KINDS", "KIND_DEFAULTS", "KIND_METHODS",
-           "KIND_REFUSES", "METHODS", "METHOD_REFUSES", "RUNTIME_FIELDS", "SETTING_NEEDS",
-           "FinetuneConfig", "PretrainConfig", "check_given_settings", "check_ranges",
-           "flag_name", "kind_defaults", "model_kind"]
+__all__ = ["ADAPTER_METHODS", "DEFAULT_STEPS", "HF_PREFIX", "KINDS", "KIND_DEFAULTS",
+           "KIND_METHODS", "KIND_REFUSES", "METHODS", "METHOD_REFUSES", "RUNTIME_FIELDS",
+           "SETTING_NEEDS", "FinetuneConfig", "PretrainConfig", "base_method",
+           "check_given_settings", "check_ranges", "flag_name", "kind_defaults", "model_kind",
+           "uses_dora"]
 
-METHODS = ("lora", "qlora", "full")
+# dora / qdora: DoRA (weight-decomposed LoRA, minituner.lora.dora) on a float / NF4 base.
+METHODS = ("lora", "qlora", "full", "dora", "qdora")
+ADAPTER_METHODS = {"lora": "lora", "qlora": "qlora", "dora": "lora", "qdora": "qlora"}
 HF_PREFIX = "hf:"
 KINDS = ("minigpt", "hf")
 KIND_NAMES = {"minigpt": "Mini-GPT", "hf": "transformers (hf:)"}
-KIND_METHODS = {"minigpt": METHODS, "hf": ("lora", "qlora")}
+KIND_METHODS = {"minigpt": METHODS, "hf": ("lora", "qlora", "dora", "qdora")}
 
 # Each kind's defaults where they differ from the dataclass's (which are Mini-GPT's).
 KIND_DEFAULTS = {
@@ -53,8 +56,11 @@ METHOD_REFUSES = {
     "full": {name: "full fine-tuning trains every weight and has no adapter" for name in (
         "rank", "alpha", "dropout", "targets", "use_rslora")}
     | {"quant_scheme": "only --method qlora quantizes the base"},
-    "lora": {"quant_scheme": "only --method qlora quantizes the base"},
+    "lora": {"quant_scheme": "only --method qlora or qdora quantizes the base"},
     "qlora": {},
+    "dora": {"quant_scheme": "only --method qlora or qdora quantizes the base; "
+                             "use --method qdora for DoRA on an NF4 base"},
+    "qdora": {},
 }
 
 # Settings that do nothing without another one, and why (refused when given without it).
@@ -65,6 +71,16 @@ SETTING_NEEDS = {
 
 # Settings recorded in config.json that a --resume may change (they do not decide results).
 RUNTIME_FIELDS = ("threads", "allow_pickle", "verify_base")
+
+
+def base_method(method: str) -> str:
+    """How the base is held: "lora" (float), "qlora" (NF4) or "full" (trained itself)."""
+    return ADAPTER_METHODS.get(method, method)
+
+
+def uses_dora(method: str) -> bool:
+    """True for the DoRA methods (dora on a float base, qdora on an NF4 base)."""
+    return method in ("dora", "qdora")
 
 
 def check_given_settings(given: dict, method: str) -> None:
