@@ -8,8 +8,15 @@ import torch
 from minituner.lora import lora_layers, lora_state_dict, model_lora_config
 from minituner.lora.adapters import base_fingerprint, base_tensor_stats, load_adapter, save_adapter
 from minituner.models.minigpt import MiniGPT, MiniGPTConfig
-from minituner.quant.loftq import apply_loftq, loftq_factors, relative_error, wrap_minigpt_loftq
+from minituner.quant.loftq import (
+    apply_loftq,
+    loftq_factors,
+    quantize_nf4_refit,
+    relative_error,
+    wrap_minigpt_loftq,
+)
 from minituner.quant.nf4 import dequantize_nf4, quantize_nf4
+from minituner.quant.nf4_io import from_bnb_state_dict, to_bnb_state_dict
 from minituner.quant.qlora import QuantizedLinear, wrap_minigpt_qlora
 
 
@@ -99,3 +106,18 @@ def test_saved_loftq_adapter_is_the_trained_update_for_the_original_base(tmp_pat
                                      - initial[f"{name}.lora_B"] @ initial[f"{name}.lora_A"])
             expected.get_submodule(name).weight.add_(delta)
     assert (loaded(ids()) - expected(ids())).abs().max() < 1e-5
+
+
+def test_refit_scales_lower_the_error_and_stay_ordinary_nf4():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 128) * 0.02
+    for double_quant in (False, True):
+        plain = quantize_nf4(weight, 64, double_quant)
+        refit = quantize_nf4_refit(weight, 64, double_quant)
+        error_plain = relative_error(weight, dequantize_nf4(plain, dtype=torch.float32))
+        error_refit = relative_error(weight, dequantize_nf4(refit, dtype=torch.float32))
+        assert error_refit < error_plain
+        again = from_bnb_state_dict(to_bnb_state_dict(refit, "w."), "w.")
+        assert torch.equal(dequantize_nf4(again), dequantize_nf4(refit))
+    result = loftq_factors(weight, 4, 2.0, 3, refit_scales=True)
+    assert result.errors[-1] < loftq_factors(weight, 4, 2.0, 3).errors[-1]

@@ -13,6 +13,13 @@ iteration is PEFT's default (``loftq_iter=1``): Q is then plain NF4(W) and the a
 top of its error. The layer's error after each iteration, ``||W - deq(Q) - s B A|| / ||W||``, is
 returned by :func:`loftq_factors` (``errors``) so a run can report how it converged.
 
+``refit_scales=True`` (minituner's addition, measured in ``benchmarks/loftq.py``) also chooses
+each block's scale instead of taking its absmax: with the codes fixed, the scale that minimises
+the block's squared error is ``<w, c> / <c, c>``; with the scale fixed, the best codes are the
+nearest levels of ``w / scale``; :func:`quantize_nf4_refit` alternates the two (each step can
+only lower the error). The result is an ordinary NF4 weight (its "absmax" is that scale, double
+quantized as usual), so bitsandbytes and the dequantize path read it unchanged.
+
 Everything is deterministic: NF4 is exact integer work and the SVD is the full one in fp32.
 Like PiSSA the start changes the base: the adapter is saved converted to a plain LoRA adapter on
 the original float base (:func:`minituner.lora.init.converted_pair`).
@@ -35,7 +42,15 @@ from minituner.lora import (
 from minituner.lora.base import is_fan_in_fan_out
 from minituner.lora.init import svd_factors
 from minituner.quant import DEFAULT_QUANT_SCHEME
-from minituner.quant.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from minituner.quant.kernels import NF4_CODE, code_midpoints, lookup_tables
+from minituner.quant.nf4 import (
+    NF4Weight,
+    check_blocksize,
+    check_dtype,
+    dequantize_nf4,
+    quantize_nf4,
+    quantize_scales,
+)
 from minituner.quant.qlora import (
     DequantBuffer,
     QuantizedLinear,
@@ -43,9 +58,10 @@ from minituner.quant.qlora import (
     _linear_targets,
     parse_quant_scheme,
 )
+from minituner.quant.reference import pack
 
 __all__ = ["DEFAULT_LOFTQ_ITERS", "LoftQResult", "apply_loftq", "check_iters", "loftq_factors",
-           "relative_error", "wrap_minigpt_loftq"]
+           "quantize_nf4_refit", "relative_error", "wrap_minigpt_loftq"]
 
 DEFAULT_LOFTQ_ITERS = 1  # PEFT's loftq_iter default
 
@@ -74,17 +90,53 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def quantize_nf4_refit(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                       rounds: int = 4) -> NF4Weight:
+    """NF4 with least-squares block scales: codes and scale alternate ``rounds`` times from
+    absmax (see the module docstring); an ordinary :class:`NF4Weight`."""
+    check_dtype(w.dtype)
+    check_blocksize(blocksize)
+    flat = w.detach().float().reshape(-1)
+    blocks = torch.zeros(-(-flat.numel() // blocksize) * blocksize)
+    blocks[:flat.numel()] = flat
+    blocks = blocks.view(-1, blocksize)
+    levels = NF4_CODE.float()
+    midpoints = code_midpoints(levels)
+
+    def nearest(scale: torch.Tensor) -> torch.Tensor:
+        scaled = (blocks / scale.clamp(min=1e-38).unsqueeze(1)).clamp(-1.0, 1.0)
+        return torch.bucketize(scaled, midpoints, right=False)
+
+    scale = blocks.abs().amax(dim=1)
+    for _ in range(rounds):
+        chosen = levels[nearest(scale)]
+        energy = (chosen * chosen).sum(dim=1)
+        fitted = (blocks * chosen).sum(dim=1) / energy.clamp(min=1e-30)
+        scale = torch.where(energy > 0, fitted, scale)
+    codes = nearest(scale).reshape(-1)[:flat.numel()]
+    fields = {"packed": pack(codes), "shape": tuple(w.shape), "dtype": w.dtype,
+              "blocksize": blocksize, "code": lookup_tables(str(w.device))["code"]}
+    if not double_quant:
+        return NF4Weight(absmax=scale, **fields)
+    scale_codes, nested_absmax, offset = quantize_scales(scale)
+    return NF4Weight(absmax=scale_codes, nested_absmax=nested_absmax, offset=offset,
+                     nested_code=lookup_tables(str(w.device))["nested_code"].clone(), **fields)
+
+
+@torch.no_grad()
 def loftq_factors(weight: torch.Tensor, r: int, scaling: float, iters: int = DEFAULT_LOFTQ_ITERS,
-                  blocksize: int = 64, double_quant: bool = True) -> LoftQResult:
+                  blocksize: int = 64, double_quant: bool = True,
+                  refit_scales: bool = False) -> LoftQResult:
     """LoftQ's alternation on one (out, in) float weight (see the module docstring)."""
     check_iters(iters)
+    quantize = quantize_nf4_refit if refit_scales else quantize_nf4
     target = weight.detach().float()
     lora_a = torch.zeros(r, target.shape[1])
     lora_b = torch.zeros(target.shape[0], r)
     errors = []
     for _ in range(iters):
-        q = quantize_nf4((target - scaling * lora_b @ lora_a).to(weight.dtype), blocksize,
-                         double_quant)
+        q = quantize((target - scaling * lora_b @ lora_a).to(weight.dtype), blocksize,
+                     double_quant)
         dequantized = dequantize_nf4(q, dtype=torch.float32)
         if r > 0:
             lora_a, lora_b = svd_factors(target - dequantized, r, scaling)
@@ -93,7 +145,8 @@ def loftq_factors(weight: torch.Tensor, r: int, scaling: float, iters: int = DEF
 
 
 def apply_loftq(model: nn.Module, iters: int = DEFAULT_LOFTQ_ITERS, blocksize: int = 64,
-                double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> dict:
+                double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                refit_scales: bool = False) -> dict:
     """LoftQ on a model whose LoRA layers wrap float ``nn.Linear`` bases: each base becomes a
     QuantizedLinear of LoftQ's Q and each adapter its start; returns {layer path: errors}.
 
@@ -113,7 +166,7 @@ def apply_loftq(model: nn.Module, iters: int = DEFAULT_LOFTQ_ITERS, blocksize: i
     buffer, errors = DequantBuffer(), {}
     for name, layer in layers:
         result = loftq_factors(layer.base.weight, layer.r, layer.scaling, iters, blocksize,
-                               double_quant)
+                               double_quant, refit_scales)
         with torch.no_grad():
             layer.lora_A.copy_(result.lora_A)
             layer.lora_B.copy_(result.lora_B)
@@ -130,7 +183,8 @@ def apply_loftq(model: nn.Module, iters: int = DEFAULT_LOFTQ_ITERS, blocksize: i
 def wrap_minigpt_loftq(model: nn.Module, r: int = 8, alpha: float = 16.0,
                        iters: int = DEFAULT_LOFTQ_ITERS,
                        quant_scheme: str = DEFAULT_QUANT_SCHEME, target_modules=MINIGPT_TARGETS,
-                       compute_dtype: torch.dtype | None = None, **lora_kw) -> dict:
+                       compute_dtype: torch.dtype | None = None, refit_scales: bool = False,
+                       **lora_kw) -> dict:
     """QLoRA with LoftQ's start on Mini-GPT (or any model with nn.Linear targets): the model is
     wrapped in place; returns {layer path: error per iteration}. ``lora_kw`` go to
     :func:`minituner.lora.apply_lora` (dropout, use_rslora, ...)."""
@@ -138,4 +192,4 @@ def wrap_minigpt_loftq(model: nn.Module, r: int = 8, alpha: float = 16.0,
     check_iters(iters)
     _linear_targets(model, target_modules, compute_dtype)
     apply_lora(model, target_modules, r=r, alpha=alpha, **lora_kw)
-    return apply_loftq(model, iters, blocksize, double_quant, compute_dtype)
+    return apply_loftq(model, iters, blocksize, double_quant, compute_dtype, refit_scales)
