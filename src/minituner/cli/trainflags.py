@@ -102,6 +102,15 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                              "0 keeps only the KL term there)")
     parser.add_argument("--dropout", type=fraction, default=None,
                         help=f"LoRA dropout {default('dropout', 'g')}")
+    parser.add_argument("--init", default=None, metavar="NAME",
+                        help="adapter start: gaussian, gaussian_std or kaiming (A random, B = 0; "
+                             "default gaussian, hf: models kaiming), pissa (top singular "
+                             "vectors, LoRA) or loftq[:ITERS] (QLoRA, Mini-GPT; default 1 "
+                             "iteration); pissa and loftq save a plain rank-2r adapter for the "
+                             "original base")
+    parser.add_argument("--loraplus-lr-ratio", type=positive_float, default=None, metavar="K",
+                        help="LoRA+: lora_B learns at K times the learning rate of lora_A "
+                             "(the paper suggests 16; default: plain LoRA)")
     parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
                         help="module-name suffixes to adapt (default: every Linear)")
     parser.add_argument("--eval-every", type=positive_int, default=None,

@@ -31,8 +31,10 @@ from minituner.course.evaluate import (
 )
 from minituner.course.objectives import make_loss_fn, token_kl
 from minituner.course.qlora_eval import qlora_comparison
-from minituner.lora import disable_adapters, wrap_minigpt_with_lora
-from minituner.lora.adapters import base_fingerprint, save_adapter
+from minituner.lora import disable_adapters, lora_state_dict, wrap_minigpt_with_lora
+from minituner.lora.adapters import base_fingerprint, base_tensor_stats, save_adapter
+from minituner.lora.init import BASE_CHANGING_INITS
+from minituner.quant.loftq import wrap_minigpt_loftq
 from minituner.quant.qlora import wrap_minigpt_qlora
 from minituner.training import distributed as D
 from minituner.training import pipeline
@@ -42,6 +44,7 @@ from minituner.training.config import (
     METHODS,
     FinetuneConfig,
     base_method,
+    parse_init,
     uses_dora,
 )
 from minituner.training.evaluation import make_validator
@@ -118,19 +121,32 @@ def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig) -> FinetuneData
 
 
 def build_trainable(model, cfg: FinetuneConfig) -> tuple:
-    """Wrap or unfreeze ``model`` for the method; returns (model, reference logits function)."""
+    """Wrap or unfreeze ``model`` for the method; returns (model, reference logits function).
+
+    The reference is the model as it starts: the base with its adapters disabled, or, after a
+    base-changing init (PiSSA, LoftQ: disabling the adapters would leave the residual), a frozen
+    copy of the model at step 0.
+    """
     if cfg.method == "full":
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
         model.requires_grad_(True)
         return model, frozen
+    init, iters = parse_init(cfg.init)
+    chosen = {} if init is None else {"init": init}
     dora = uses_dora(cfg.method)  # dora / qdora: DoRA layers on a float / NF4 base
     if base_method(cfg.method) == "lora":
         model = wrap_minigpt_with_lora(model, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed,
-                                       use_dora=dora, **_targets(cfg))
+                                       use_dora=dora, **_targets(cfg), **chosen)
+    elif init == "loftq":
+        torch.manual_seed(cfg.seed)
+        wrap_minigpt_loftq(model, r=cfg.rank, alpha=cfg.alpha, iters=iters,
+                           quant_scheme=cfg.quant_scheme)
     else:
         torch.manual_seed(cfg.seed)
         model = wrap_minigpt_qlora(model, r=cfg.rank, alpha=cfg.alpha,
-                                   quant_scheme=cfg.quant_scheme, use_dora=dora)
+                                   quant_scheme=cfg.quant_scheme, use_dora=dora, **chosen)
+    if init in BASE_CHANGING_INITS:
+        return model, copy.deepcopy(model).eval().requires_grad_(False)
 
     def reference(input_ids):
         with disable_adapters(model):
@@ -164,6 +180,7 @@ class MiniGPTBackend:
         self.base_dir = Path(base_dir)
         self.model = self.tokenizer = self.data = self.reference = None
         self.probes, self.before = None, None
+        self.original: dict = {}  # base-changing inits: the original base's record, A0 and B0
 
     def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
         """One process on the CPU."""
@@ -196,8 +213,14 @@ class MiniGPTBackend:
         self.before = self._evaluate(self.model)
 
     def build_trainable(self, cfg: FinetuneConfig):
-        """LoRA/QLoRA-wrapped or unfrozen base, and the frozen reference of the KL term."""
+        """LoRA/QLoRA-wrapped or unfrozen base, and the frozen reference of the KL term
+        (a base-changing init also keeps what saving its converted adapter needs)."""
+        if parse_init(cfg.init)[0] in BASE_CHANGING_INITS:
+            self.original = {"fingerprint": base_fingerprint(self.model),
+                             "tensor_stats": base_tensor_stats(self.model)}
         self.model, self.reference = build_trainable(self.model, cfg)
+        if self.original:
+            self.original["initial"] = lora_state_dict(self.model)
         return self.model
 
     def loss_fn(self, cfg: FinetuneConfig, model):
@@ -229,7 +252,8 @@ class MiniGPTBackend:
         results["unk"] = self.data.unk.to_dict()
         if base_method(cfg.method) == "qlora":
             results["qlora"] = qlora_comparison(self.base_dir, run.model, cfg, self.data,
-                                                run.loss_fn, run.batches, self.tokenizer)
+                                                run.loss_fn, run.batches, self.tokenizer,
+                                                initial=self.original.get("initial"))
         return results
 
     def save(self, cfg: FinetuneConfig, model, out: Path) -> None:
@@ -238,7 +262,7 @@ class MiniGPTBackend:
             save_model(out, model, self.tokenizer)
         else:
             save_adapter(model, out / "adapter",
-                         base_model_name_or_path=str(self.base_dir.resolve()))
+                         base_model_name_or_path=str(self.base_dir.resolve()), **self.original)
 
     def manifest_fields(self) -> dict:
         """The base run folder."""

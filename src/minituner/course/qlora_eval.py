@@ -18,6 +18,7 @@ from minituner.lora import (
     lora_state_dict,
     wrap_minigpt_with_lora,
 )
+from minituner.lora.init import converted_pair
 from minituner.quant.qlora import QuantizedLinear, logit_difference
 from minituner.training.accounting import training_state_bytes
 from minituner.training.config import uses_dora
@@ -91,13 +92,35 @@ def _weight_error(float_model, qlora_model) -> dict:
             "n_layers": len(errors)}
 
 
-def qlora_comparison(base_dir, qlora_model, cfg, prepared, loss_fn, batches, tokenizer) -> dict:
-    """Logit difference of the trained adapter on NF4 vs fp32 bases, and the memory table."""
+def _converted_state(trained: dict, initial: dict) -> dict:
+    """lora_state_dict of the rank-2r adapter [B_t, -B_0] [A_t; A_0] for the original base."""
+    state = {}
+    for key in trained:
+        if key.endswith(".lora_A"):
+            path = key[: -len(".lora_A")]
+            state[key], state[path + ".lora_B"] = converted_pair(
+                trained[key], trained[path + ".lora_B"], initial[key], initial[path + ".lora_B"])
+    return state
+
+
+def qlora_comparison(base_dir, qlora_model, cfg, prepared, loss_fn, batches, tokenizer,
+                     initial: dict | None = None) -> dict:
+    """Logit difference of the trained adapter on NF4 vs fp32 bases, and the memory table.
+
+    ``initial`` (a LoftQ start's adapter at step 0): the fp32 twin then gets the converted
+    rank-2r adapter (trained minus initial), as it is saved for the original base.
+    """
     twin, _, _ = load_base_run(base_dir)
     targets = {} if cfg.targets is None else {"target_modules": list(cfg.targets)}
-    wrap_minigpt_with_lora(twin, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed,
-                           use_dora=uses_dora(cfg.method), **targets)
-    load_lora_state_dict(twin, lora_state_dict(qlora_model))
+    trained = lora_state_dict(qlora_model)
+    if initial is None:
+        wrap_minigpt_with_lora(twin, r=cfg.rank, alpha=cfg.alpha, seed=cfg.seed,
+                               use_dora=uses_dora(cfg.method), **targets)
+    else:
+        wrap_minigpt_with_lora(twin, r=2 * cfg.rank, alpha=2 * cfg.alpha, seed=cfg.seed,
+                               **targets)
+        trained = _converted_state(trained, initial)
+    load_lora_state_dict(twin, trained)
     probe = _logit_probe(tokenizer, prepared.control_texts)
     difference = logit_difference(qlora_model, twin, probe).to_dict()
     probes = load_builtin_probes()

@@ -32,12 +32,13 @@ from minituner.hf.run import (
     load_hf_base,
     prepare_hf_data,
 )
-from minituner.lora import lora_layers
-from minituner.lora.adapters import save_adapter
+from minituner.lora import lora_layers, lora_state_dict
+from minituner.lora.adapters import base_tensor_stats, save_adapter
+from minituner.lora.init import BASE_CHANGING_INITS
 from minituner.models.minigpt import masked_token_nll
 from minituner.training import distributed as D
 from minituner.training import pipeline
-from minituner.training.config import FinetuneConfig
+from minituner.training.config import FinetuneConfig, parse_init
 from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
 
@@ -154,6 +155,7 @@ class HFBackend:
         self.model: nn.Module | None = None
         self.base: HFBase | None = None
         self.gradients_checked = False
+        self.original: dict = {}  # a base-changing init: the adapter at step 0, base stats
 
     def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
         """Device, compute dtype and process group; the global batch must split evenly."""
@@ -181,8 +183,14 @@ class HFBackend:
         """Nothing: a transformers run reports its validation loss only."""
 
     def build_trainable(self, cfg: FinetuneConfig) -> nn.Module:
-        """LoRA on the base (and gradient checkpointing when asked)."""
-        return add_lora(self.model, cfg)
+        """LoRA on the base (and gradient checkpointing when asked); a base-changing init
+        (PiSSA) also keeps what saving its converted adapter needs."""
+        changes_base = parse_init(cfg.init)[0] in BASE_CHANGING_INITS
+        stats = base_tensor_stats(self.model) if changes_base else None
+        model = add_lora(self.model, cfg)
+        if changes_base:
+            self.original = {"initial": lora_state_dict(model), "tensor_stats": stats}
+        return model
 
     def loss_fn(self, cfg: FinetuneConfig, model: nn.Module):
         """Masked NLL through the DDP wrapper when distributed; with dropout, each micro-batch
@@ -239,7 +247,7 @@ class HFBackend:
     def save(self, cfg: FinetuneConfig, model: nn.Module, out: Path) -> None:
         """The adapter (PEFT layout) with the base's record and fingerprint."""
         save_adapter(model, out / "adapter", base_model_name_or_path=self.base.path,
-                     extra=self.base.record, fingerprint=self.base.fingerprint)
+                     extra=self.base.record, fingerprint=self.base.fingerprint, **self.original)
 
     def manifest_fields(self) -> dict:
         """The base directory, process count and device."""

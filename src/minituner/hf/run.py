@@ -21,7 +21,7 @@ from minituner.hf.models import (
 )
 from minituner.lora.adapters import base_fingerprint
 from minituner.quant.qlora import QuantizedLinear
-from minituner.training.config import base_method, uses_dora
+from minituner.training.config import base_method, parse_init, uses_dora
 from minituner.util.files import sha256_json
 
 
@@ -112,8 +112,8 @@ def add_lora(model: nn.Module, cfg) -> nn.Module:
     """LoRA on the base's Linears (``cfg.targets``, default all), in training mode."""
     targets = ",".join(cfg.targets) if cfg.targets else ALL_LINEAR
     apply_hf_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                  init="kaiming", use_rslora=cfg.use_rslora, seed=cfg.seed,
-                  use_dora=uses_dora(cfg.method))
+                  init=parse_init(cfg.init)[0] or "kaiming", use_rslora=cfg.use_rslora,
+                  seed=cfg.seed, use_dora=uses_dora(cfg.method))
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model.train()

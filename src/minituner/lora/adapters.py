@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from minituner.lora.config import LoRAConfig
 from minituner.lora.dora import DoRALinear
+from minituner.lora.init import BASE_CHANGING_INITS, converted_alpha, converted_pair
 from minituner.lora.inject import (
     install_lora_layers,
     is_lora_name,
@@ -229,6 +230,7 @@ def _peft_target_modules(model: nn.Module, requested, wrapped: list) -> list:
 def save_adapter(
     model: nn.Module, directory, base_model_name_or_path: str | None = None,
     extra: dict | None = None, fingerprint: str | None = None,
+    initial: dict | None = None, tensor_stats: dict | None = None,
 ) -> Path:
     """Write the adapter (tensors + PEFT config + minituner section) to ``directory`` atomically.
 
@@ -247,19 +249,17 @@ def save_adapter(
     settings = config.to_dict()
     directory = Path(directory)
     use_dora = _uses_dora(layers)
-    tensors = {}
-    for name, layer in layers:
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu()
-        if use_dora:
-            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = (
-                layer.lora_magnitude_vector.detach().cpu())
     init = settings["init"]
+    converted = init in BASE_CHANGING_INITS
+    if converted and (initial is None or fingerprint is None or tensor_stats is None):
+        raise ValueError(f"init {init!r} changed the base: saving needs initial= (the adapter "
+                         "at initialisation), fingerprint= and tensor_stats= of the original base")
+    tensors = _adapter_tensors(layers, initial if converted else None, use_dora)
     wrapped = [name for name, _ in layers]
     section = {
         "format_version": FORMAT_VERSION,
         "init": init,
-        "init_a_std": _INIT_STD[init],
+        "init_a_std": _INIT_STD.get(init, "not random: " + init),
         "target_modules_requested": settings["target_modules"],
         "seed": settings.get("seed"),
         "base_fingerprint": {
@@ -270,7 +270,8 @@ def save_adapter(
             "tensor_stats": {"algorithm": STATS_ALGORITHM,
                              "covers": "the same tensors; floats: L2 norm and signed sum in "
                                        "float64, others: sha256 of the bytes",
-                             "tensors": base_tensor_stats(model)},
+                             "tensors": tensor_stats if tensor_stats is not None
+                             else base_tensor_stats(model)},
         },
         "base_config": _base_config(model),
     }
@@ -284,13 +285,20 @@ def save_adapter(
     if any(layer.r == 0 for _, layer in layers):
         section["peft_loadable"] = False
         section["note"] = "rank 0 adapter: PEFT cannot load it (PEFT rejects r <= 0)"
+    if converted:
+        settings = _converted_settings(settings)
+        section["converted"] = {
+            "from_init": init, "trained_rank": config.r,
+            "note": "saved as a plain LoRA adapter on the original base: the trained adapter "
+                    "minus its initial value, [B_t, -B_0] [A_t; A_0] (rank 2r, alpha doubled)"}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
         "target_modules": _peft_target_modules(model, settings["target_modules"], wrapped),
         "bias": "none", "use_rslora": settings["use_rslora"],
         "fan_in_fan_out": any(source_fan_in_fan_out(layer.base) for _, layer in layers),
-        "use_dora": use_dora, "init_lora_weights": _PEFT_INIT[init], "modules_to_save": None,
+        "use_dora": use_dora, "init_lora_weights": _PEFT_INIT.get(init, True),
+        "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "rank_pattern": settings["rank_pattern"], "alpha_pattern": settings["alpha_pattern"],
         "revision": None, "layers_to_transform": None, "layers_pattern": None,
@@ -307,6 +315,36 @@ def _uses_dora(layers: list) -> bool:
     if len(dora) > 1:
         raise ValueError("model mixes DoRA and plain LoRA layers; an adapter file holds one kind")
     return dora.pop()
+
+
+def _adapter_tensors(layers: list, initial: dict | None, use_dora: bool = False) -> dict:
+    """PEFT-keyed A and B of every layer (and DoRA's magnitudes); with ``initial``, the
+    converted rank-2r pairs."""
+    tensors = {}
+    for name, layer in layers:
+        lora_a, lora_b = layer.lora_A.detach().cpu(), layer.lora_B.detach().cpu()
+        if initial is not None:
+            missing = [k for k in (f"{name}.lora_A", f"{name}.lora_B") if k not in initial]
+            if missing:
+                raise ValueError(f"initial adapter has no {missing[0]!r}")
+            lora_a, lora_b = converted_pair(lora_a, lora_b, initial[f"{name}.lora_A"].cpu(),
+                                            initial[f"{name}.lora_B"].cpu())
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = lora_b.contiguous()
+        if use_dora:
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = (
+                layer.lora_magnitude_vector.detach().cpu())
+    return tensors
+
+
+def _converted_settings(settings: dict) -> dict:
+    """Ranks doubled and alphas raised so each layer's scaling stays what it trained with."""
+    rslora = settings["use_rslora"]
+    return {**settings, "r": 2 * settings["r"],
+            "alpha": converted_alpha(settings["alpha"], rslora),
+            "rank_pattern": {k: 2 * v for k, v in settings["rank_pattern"].items()},
+            "alpha_pattern": {k: converted_alpha(v, rslora)
+                              for k, v in settings["alpha_pattern"].items()}}
 
 
 def _with_relative_path(extra, directory: Path):
@@ -398,6 +436,11 @@ def _check_bool(value, name: str) -> bool:
 def _init_name(peft_value, section) -> str:
     if isinstance(section, dict) and section.get("init") in _INIT_STD:
         return section["init"]
+    if isinstance(section, dict) and section.get("init") in BASE_CHANGING_INITS:
+        if not isinstance(section.get("converted"), dict):
+            raise ValueError(f"init {section['init']!r} changes the base weights and the "
+                             "adapter was not converted to the original base")
+        return "kaiming"  # a plain LoRA adapter now; the trained tensors are what count
     if isinstance(peft_value, str):
         if peft_value.lower().startswith(_BASE_CHANGING_INITS):
             raise ValueError(f"init_lora_weights={peft_value!r} changes the base weights")

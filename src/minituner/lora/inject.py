@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from minituner.lora.config import LoRAConfig
 from minituner.lora.dora import DoRALinear
+from minituner.lora.init import apply_pissa, check_pissa_layer
 from minituner.lora.layer import (
     LoRALinear,
     check_alpha,
@@ -94,9 +95,17 @@ def apply_lora(
 
     All checks run before the model is touched. Every new layer holds the settings as a
     :class:`~minituner.lora.config.LoRAConfig` (read them with :func:`model_lora_config`).
+    ``init="pissa"`` starts A and B on the weights' top singular vectors and leaves the
+    residual in the base (:mod:`minituner.lora.init`); LoftQ lives in
+    :mod:`minituner.quant.loftq`, since it quantizes the base.
     """
     r, alpha = check_rank(r), check_alpha(alpha)
-    dropout, init = check_dropout(dropout), check_init(init)
+    dropout = check_dropout(dropout)
+    pissa = init == "pissa"
+    if init == "loftq":
+        raise ValueError("init 'loftq' quantizes the base: use minituner.quant.loftq "
+                         "(wrap_minigpt_qlora(init='loftq') or apply_loftq)")
+    init = "pissa" if pissa else check_init(init)
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; apply_lora runs once per model")
     rank_pattern = check_patterns(rank_pattern, "rank_pattern", check_rank)
@@ -105,6 +114,9 @@ def apply_lora(
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+    if use_dora and pissa:
+        raise ValueError("init 'pissa' cannot be used with use_dora=True (DoRA's magnitude "
+                         "starts from the base's row norms; PiSSA changes the base)")
     names = resolve_target_modules(model, target_modules)
     if not names:
         raise ValueError(f"target_modules {target_modules!r} selects no Linear in the model")
@@ -120,12 +132,16 @@ def apply_lora(
             model.get_submodule(name),
             r=pattern_value(rank_pattern, name, r),
             alpha=pattern_value(alpha_pattern, name, alpha),
-            dropout=dropout, init=init, use_rslora=use_rslora,
+            dropout=dropout, init="kaiming" if pissa else init, use_rslora=use_rslora,
             freeze_base=False, generator=generator, config=config,
         )
         for name in names
     }
-    return install_lora_layers(model, layers, config)
+    if pissa:  # refuse what PiSSA cannot start from before the model is touched
+        for name, layer in layers.items():
+            check_pissa_layer(name, layer)
+    install_lora_layers(model, layers, config)
+    return apply_pissa(model) if pissa else model
 
 
 def wrap_minigpt_with_lora(

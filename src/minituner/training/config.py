@@ -16,15 +16,19 @@ from dataclasses import asdict, dataclass, fields, replace
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.util.config import from_dict, typed_values
 
-__all__ = ["ADAPTER_METHODS", "DEFAULT_STEPS", "HF_PREFIX", "KINDS", "KIND_DEFAULTS",
-           "KIND_METHODS", "KIND_REFUSES", "METHODS", "METHOD_REFUSES", "RUNTIME_FIELDS",
-           "SETTING_NEEDS", "FinetuneConfig", "PretrainConfig", "base_method",
+__all__ = ["ADAPTER_METHODS", "DEFAULT_STEPS", "HF_PREFIX", "INIT_NAMES", "KINDS",
+           "KIND_DEFAULTS", "KIND_METHODS", "KIND_REFUSES", "METHODS", "METHOD_REFUSES",
+           "RUNTIME_FIELDS", "SETTING_NEEDS", "FinetuneConfig", "PretrainConfig", "base_method",
            "check_given_settings", "check_ranges", "flag_name", "kind_defaults", "model_kind",
-           "uses_dora"]
+           "parse_init", "uses_dora"]
 
 # dora / qdora: DoRA (weight-decomposed LoRA, minituner.lora.dora) on a float / NF4 base.
 METHODS = ("lora", "qlora", "full", "dora", "qdora")
 ADAPTER_METHODS = {"lora": "lora", "qlora": "qlora", "dora": "lora", "qdora": "qlora"}
+# --init: the A initialisations (B = 0) and the two that start from the weights and change the
+# base (PiSSA: float bases; LoftQ: NF4 bases, "loftq:N" runs N alternations, default 1).
+INIT_NAMES = ("gaussian", "gaussian_std", "kaiming", "pissa", "loftq")
+DEFAULT_LOFTQ_ITERS = 1
 HF_PREFIX = "hf:"
 KINDS = ("minigpt", "hf")
 KIND_NAMES = {"minigpt": "Mini-GPT", "hf": "transformers (hf:)"}
@@ -54,7 +58,7 @@ KIND_REFUSES = {
 # Settings a method cannot use: refused when given at all (a flag or a --config key), and why.
 METHOD_REFUSES = {
     "full": {name: "full fine-tuning trains every weight and has no adapter" for name in (
-        "rank", "alpha", "dropout", "targets", "use_rslora")}
+        "rank", "alpha", "dropout", "targets", "use_rslora", "init", "loraplus_lr_ratio")}
     | {"quant_scheme": "only --method qlora quantizes the base"},
     "lora": {"quant_scheme": "only --method qlora or qdora quantizes the base"},
     "qlora": {},
@@ -93,6 +97,23 @@ def check_given_settings(given: dict, method: str) -> None:
     for name, (needed, why) in SETTING_NEEDS.items():
         if given.get(name) is not None and given.get(needed) is None:
             raise ValueError(f"{flag_name(name)} needs {flag_name(needed)} ({why})")
+
+
+def parse_init(init: str | None) -> tuple:
+    """(name, LoftQ iterations or None) of an --init value: 'pissa', 'loftq', 'loftq:5', an A
+    initialisation ('gaussian', 'gaussian_std', 'kaiming') or None (the kind's default)."""
+    if init is None:
+        return None, None
+    name, colon, count = str(init).partition(":")
+    if name not in INIT_NAMES or (colon and name != "loftq"):
+        raise ValueError(f"--init must be one of {list(INIT_NAMES)} or loftq:N, got {init!r}")
+    if name != "loftq":
+        return name, None
+    if not colon:
+        return name, DEFAULT_LOFTQ_ITERS
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--init loftq:N needs N an int >= 1, got {init!r}")
+    return name, int(count)
 
 
 def model_kind(model: str | None) -> str:
@@ -164,6 +185,8 @@ class FinetuneConfig:
     allow_unk: bool = False  # Mini-GPT: train on completions that are mostly <unk>
     allow_pickle: bool = False  # hf: read a base folder that holds only pickle weights
     verify_base: bool = True  # False: a --resume may go on over a base whose fingerprint changed
+    init: str | None = None  # None: the kind's A init (Mini-GPT gaussian, hf kaiming)
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's lr / A's lr (None: plain LoRA, as 1)
 
     @property
     def kind(self) -> str:
@@ -207,8 +230,12 @@ class FinetuneConfig:
             ("val_fraction", self.val_fraction is None or 0 < self.val_fraction < 1,
              "a fraction in (0, 1)"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+            ("loraplus_lr_ratio", self.loraplus_lr_ratio is None
+             or (self.loraplus_lr_ratio > 0 and _finite(self.loraplus_lr_ratio)),
+             "a positive finite number"),
         ]
         check_ranges(self, checks, FILE_ONLY)
+        self._check_init(kind)
         if kind == "hf" and self.rank < 1:
             raise ValueError(f"--rank must be a positive int for {KIND_NAMES[kind]} models, "
                              f"got {self.rank}")
@@ -222,6 +249,25 @@ class FinetuneConfig:
             raise ValueError("give --val-data or --val-fraction, not both")
         self._check_replay()
         return self
+
+    def _check_init(self, kind: str) -> None:
+        """Refuse an --init the method or the model kind cannot start from, saying why."""
+        name, _ = parse_init(self.init)
+        if name in ("pissa", "loftq") and uses_dora(self.method):
+            raise ValueError(f"--init {name} cannot be used with --method {self.method} (DoRA's "
+                             "magnitude starts from the base's row norms; minituner does not "
+                             "combine it with an init that changes the base)")
+        if name == "pissa" and self.method == "qlora":
+            raise ValueError("--init pissa cannot be used with --method qlora (PiSSA splits a "
+                             "float weight; minituner does not requantize the residual): use "
+                             "--init loftq")
+        if name == "loftq" and self.method != "qlora":
+            raise ValueError(f"--init loftq needs --method qlora (it chooses the NF4 base), got "
+                             f"--method {self.method}")
+        if name == "loftq" and kind == "hf":
+            raise ValueError("--init loftq cannot be used with transformers (hf:) models (their "
+                             "QLoRA base is quantized while loading; LoftQ needs the float "
+                             "weights): Mini-GPT or the Python API (minituner.quant.loftq)")
 
     def _check_kind(self, kind: str) -> None:
         """Refuse a setting this kind of model cannot use, naming the flag and the kind."""

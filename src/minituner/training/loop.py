@@ -29,25 +29,45 @@ def build_optimizer(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     betas: tuple = (0.9, 0.999),
+    loraplus_lr_ratio: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only; refuses a model with nothing to train.
 
     Rank-0 LoRA leaves zero trainable tensors. PyTorch's AdamW raises an opaque error on an
     empty parameter list, so we raise a clear one instead, and we never fall back to training
     the frozen base.
+
+    LoRA+ (Hayou et al., 2024): ``loraplus_lr_ratio`` K gives every ``lora_B`` its own parameter
+    group with learning rate K * lr (A and everything else keep lr; the schedule scales both).
+    K = 1 builds exactly the groups of plain LoRA.
     """
+    check_loraplus_ratio(loraplus_lr_ratio)
     named = trainable_parameters(model)
     if not named or sum(p.numel() for _, p in named) == 0:
         raise ValueError(
             "nothing is trainable: the model has no parameter with requires_grad=True "
             "(rank 0 adapts nothing; use r >= 1, or --method full to train the base)"
         )
-    decay = [p for n, p in named if p.ndim >= 2 and p.numel() > 0]
-    no_decay = [p for n, p in named if p.ndim < 2 and p.numel() > 0]
+    named = [(n, p) for n, p in named if p.numel() > 0]
+    faster = [p for n, p in named if loraplus_lr_ratio != 1.0 and n.endswith("lora_B")]
+    chosen = {id(p) for p in faster}
+    decay = [p for n, p in named if p.ndim >= 2 and id(p) not in chosen]
+    no_decay = [p for n, p in named if p.ndim < 2 and id(p) not in chosen]
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if faster:
+        groups.append({"params": faster, "weight_decay": weight_decay,
+                       "lr": lr * loraplus_lr_ratio})
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def check_loraplus_ratio(ratio) -> float:
+    """Validate LoRA+'s ratio of B's learning rate to A's: a finite number > 0."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
+            0 < ratio < math.inf):
+        raise ValueError(f"loraplus_lr_ratio must be a finite number > 0, got {ratio!r}")
+    return float(ratio)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> float:

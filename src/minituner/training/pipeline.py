@@ -193,7 +193,8 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
                            cfg.replay_rows // info.world_size, cfg.seed, prepared.pad_id,
                            info.rank, info.world_size)
     steps = total_steps(cfg, batches.batches_per_epoch)
-    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                loraplus_lr_ratio=cfg.loraplus_lr_ratio or 1.0)
     scheduler = build_scheduler(optimizer, steps, int(cfg.warmup * steps))
     loss_fn = backend.loss_fn(cfg, model)
     work = out if checkpoint is not None else run_work_dir(out, overwrite)
