@@ -15,6 +15,7 @@ from minituner.lora import (
     forward_with_adapters,
     load_named_adapter,
     multi_layers,
+    save_named_adapter,
     set_adapter,
 )
 from minituner.lora.adapters import load_adapter, save_adapter
@@ -117,3 +118,13 @@ def test_load_named_adapters_on_one_base(world, toy_hf_model, tmp_path):
     save_adapter(other, tmp_path / "other")
     with pytest.raises(ValueError, match="adapter 'z': .*fingerprint mismatch"):
         load_named_adapters(spec, {"x": world["a"], "z": tmp_path / "other"})
+
+
+def test_saved_combination_loads_in_peft(world, tmp_path):
+    model = ours(world, "a", "c")
+    add_weighted_adapter(model, ["a", "c"], [0.5, 2.0], "mix", combination_type="cat")
+    save_named_adapter(model, "mix", tmp_path / "mix", base_model_name_or_path=str(world["model"]))
+    set_adapter(model, "mix")
+    ids = token_batch()
+    peft_model = peft.PeftModel.from_pretrained(load_hf_model(world["model"]), tmp_path / "mix")
+    assert (logits_of(peft_model, ids) - logits_of(model, ids)).abs().max() <= 1e-5
