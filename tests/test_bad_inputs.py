@@ -112,6 +112,20 @@ def missing_field_after_blank_lines(w, t):
     return finetune(w, t / "out", "--train-data", str(data)), [f"{data}:4", "completion"]
 
 
+def named_adapters(w, command: str, *pairs) -> list:
+    """``command --model BASE --adapter NAME=DIR ...`` on the Mini-GPT base."""
+    return [command, "--model", str(w["base"]),
+            *[f"--adapter={pair}" for pair in pairs]]
+
+
+def adapter_of_another_base(w, t):
+    other = copy_with(w["mg"] / "adapter", t / "other", "adapter_config.json",
+                      lambda c: {**c, "minituner": {**c["minituner"],
+                                                    "base_fingerprint": {"value": "0" * 64}}})
+    return (named_adapters(w, "eval", f"a={w['mg'] / 'adapter'}", f"b={other}"),
+            ["adapter 'b'", "fingerprint mismatch"])
+
+
 def config_file(w, t, text: str, name: str = "run.yaml", *flags):
     path = t / name
     path.write_text(text)
@@ -310,6 +324,17 @@ CASES = [
                                                    ["--max-new-tokens"])),
     ("eval-not-a-run", lambda w, t: (["eval", "--model", str(w["data"].parent / "nowhere")],
                                      ["nowhere"])),
+    # several named adapters on one base
+    ("adapter-duplicate-name", lambda w, t: (
+        named_adapters(w, "generate", f"a={w['mg'] / 'adapter'}", f"a={w['mg'] / 'adapter'}"),
+        ["--adapter", "adapter 'a'", "duplicate"])),
+    ("adapter-unnamed-among-several", lambda w, t: (
+        named_adapters(w, "generate", str(w["mg"] / "adapter"), f"b={w['mg'] / 'adapter'}"),
+        ["--adapter", "NAME=DIR"])),
+    ("adapter-of-another-base", adapter_of_another_base),
+    ("adapter-of-another-model", lambda w, t: (
+        named_adapters(w, "generate", f"a={w['mg'] / 'adapter'}", f"h={w['hf'] / 'adapter'}"),
+        ["adapter 'h'", "another architecture"])),
 ]
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
-from minituner.cli.runfolders import MINIGPT, add_hf_inference_flags, load_for_inference
+from minituner.cli.runfolders import (
+    MINIGPT,
+    adapter_choice,
+    add_hf_inference_flags,
+    load_for_inference,
+)
 
 MAX_LISTED = 5  # <unk> candidates named in the warning line
 
@@ -50,7 +55,8 @@ def probes_for(args, kind: str) -> list:
 
 
 def evaluate_args(args) -> dict:
-    """The evaluation dict for the parsed arguments (model, adapter, probes, control)."""
+    """The evaluation dict for the parsed arguments (model, adapter, probes, control); with
+    named adapters, {"adapters": {name: evaluation}}, each adapter active in turn."""
     from minituner.course.evaluate import (
         BUILTIN_CONTROL,
         builtin_path,
@@ -66,7 +72,16 @@ def evaluate_args(args) -> dict:
     if not records:
         raise ValueError(f"{control_file}: no control records")
     control = control_sequences(tokenizer, records, str(control_file))
-    return evaluate_model(model, tokenizer, probes, control)
+    adapters = adapter_choice(args)
+    if not isinstance(adapters, dict):
+        return evaluate_model(model, tokenizer, probes, control)
+    from minituner.lora.multi import set_adapter
+
+    results = {}
+    for name in adapters:
+        set_adapter(model, name)
+        results[name] = evaluate_model(model, tokenizer, probes, control)
+    return {"adapters": results}
 
 
 def warn_unk(unk: list) -> None:
@@ -79,13 +94,40 @@ def warn_unk(unk: list) -> None:
           f"{more}); their scores are unreliable", file=sys.stderr)
 
 
+RESULT_KEYS = ("slices", "unk_candidates", "control_ppl")
+
+
+def print_adapter_table(results: dict) -> None:
+    """One row per adapter: accuracy per slice, then control perplexity."""
+    slices = list(next(iter(results.values()))["slices"])
+    width = max(len("adapter"), *(len(name) for name in results))
+    columns = [max(len(s), 5) for s in slices]
+    print("  ".join(["adapter".ljust(width), *(s.rjust(c) for s, c in zip(slices, columns,
+                                                                          strict=True)),
+                     "control_ppl"]))
+    for name, result in results.items():
+        cells = [f"{result['slices'][s]['accuracy']:.3f}".rjust(c)
+                 for s, c in zip(slices, columns, strict=True)]
+        print("  ".join([name.ljust(width), *cells, f"{result['control_ppl']:.4f}".rjust(11)]))
+
+
 def run(args) -> int:
-    """Print accuracy per slice and control perplexity; <unk> candidates go to stderr."""
+    """Print accuracy per slice and control perplexity (a table row per named adapter);
+    <unk> candidates go to stderr."""
     result = evaluate_args(args)
+    if "adapters" in result:
+        results = result["adapters"]
+        warn_unk(next(iter(results.values()))["unk_candidates"])
+        if args.json:
+            print(json.dumps({"adapters": {name: {k: r[k] for k in RESULT_KEYS}
+                                           for name, r in results.items()}},
+                             indent=2, sort_keys=True))
+        else:
+            print_adapter_table(results)
+        return 0
     warn_unk(result["unk_candidates"])
     if args.json:
-        keys = ("slices", "unk_candidates", "control_ppl")
-        print(json.dumps({k: result[k] for k in keys}, indent=2, sort_keys=True))
+        print(json.dumps({k: result[k] for k in RESULT_KEYS}, indent=2, sort_keys=True))
         return 0
     width = max((len(name) for name in result["slices"]), default=0)
     for name, entry in result["slices"].items():

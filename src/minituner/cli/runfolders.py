@@ -11,6 +11,7 @@ packages never import each other.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ RUN_FORMAT = 1  # the newest run-folder format this minituner reads (absent = 1)
 RUN_KINDS = {"pretrain": MINIGPT, "finetune": MINIGPT, "merged": MINIGPT,
              "finetune-hf": TRANSFORMERS}
 TRANSFORMERS_ONLY_FLAGS = ("device", "allow_pickle")  # flags a Mini-GPT model has no use for
+ADAPTER_NAME = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)=(?P<dir>.+)$")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,27 @@ def one_line_warnings():
         yield
 
 
+def adapter_choice(args):
+    """What --adapter names: None, one folder (a plain ``DIR``), or a dict of name -> folder
+    (``NAME=DIR``, each name once; given more than once, every adapter needs its name)."""
+    values = getattr(args, "adapter", None) or []
+    if isinstance(values, str):
+        values = [values]
+    named = [ADAPTER_NAME.match(v) if not Path(v).is_dir() else None for v in values]
+    if len(values) == 1 and named[0] is None:
+        return values[0]
+    adapters: dict = {}
+    for value, match in zip(values, named, strict=True):
+        if match is None:
+            raise ValueError(f"--adapter {value}: name every adapter (NAME=DIR) when giving "
+                             "several")
+        if match["name"] in adapters:
+            raise ValueError(f"--adapter: adapter {match['name']!r} is given twice "
+                             "(duplicate name)")
+        adapters[match["name"]] = match["dir"]
+    return adapters or None
+
+
 def load_for_inference(args) -> tuple:
     """(model, tokenizer, model kind) of --model (and --adapter) for eval and generate."""
     with one_line_warnings():
@@ -124,7 +147,7 @@ def load_for_inference(args) -> tuple:
 def _load_for_inference(args) -> tuple:
     kind = model_kind(args.model)
     check_flags(args, kind)
-    adapter = getattr(args, "adapter", None)
+    adapter = adapter_choice(args)
     if kind == MINIGPT:
         from minituner.course.loading import load_run
 
@@ -152,7 +175,9 @@ def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
 
 def add_hf_inference_flags(parser: argparse.ArgumentParser) -> None:
     """--adapter, --device, --allow-pickle and --seed of ``eval`` / ``generate``."""
-    _add(parser, "--adapter", metavar="DIR", help="adapter to apply (instead of a run's own)")
+    _add(parser, "--adapter", metavar="[NAME=]DIR", action="append",
+         help="adapter to apply (instead of a run's own); give NAME=DIR more than once to load "
+              "several named adapters on the one base")
     _add(parser, "--device", default=None,
          help="transformers models: auto, cpu (default) or cuda[:N]")
     _add(parser, "--allow-pickle", action="store_true", default=None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from minituner.course.finetune import load_base
 from minituner.lora.adapters import base_fingerprint, load_adapter
+from minituner.lora.multi import load_named_adapter, name_adapter
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.qlora import wrap_minigpt_qlora
 from minituner.training.config import ADAPTER_METHODS
@@ -74,6 +75,21 @@ def attach_adapter(model, adapter_dir, verify_base: bool = True) -> tuple:
     return load_adapter(quantized, adapter_dir), "qlora"
 
 
+def attach_named_adapters(model, adapters: dict, verify_base: bool = True) -> tuple:
+    """(model holding every adapter of ``adapters`` (name -> folder) under its name, the first
+    active; "lora" | "qlora" as the first one decides). Each other adapter must fit the base
+    the first one chose (float or NF4), or a one-line error names it."""
+    (first, directory), *others = adapters.items()
+    try:
+        model, kind = attach_adapter(model, directory, verify_base)
+    except ValueError as exc:
+        raise ValueError(f"adapter {first!r}: {exc}") from None
+    name_adapter(model, first)
+    for name, other in others:
+        load_named_adapter(model, other, name, strict=verify_base)
+    return model, kind
+
+
 def recorded_base(config: dict, run: Path) -> str:
     """The base folder a fine-tuning run's config.json records (seen from the run folder when
     both were moved together), or a one-line error naming the field."""
@@ -82,7 +98,8 @@ def recorded_base(config: dict, run: Path) -> str:
 
 def load_run(run_dir, adapter=None, verify_base: bool = True) -> tuple:
     """(model, tokenizer, description) for a model run, a full-FT run or a LoRA/QLoRA run
-    (``verify_base=False``: an adapter from another base is attached with a warning)."""
+    (``verify_base=False``: an adapter from another base is attached with a warning);
+    ``adapter`` may be a dict of name -> folder: several named adapters on the run's base."""
     run = Path(run_dir)
     config = load_run_config(run)
     if config.get("kind") == "finetune" and config.get("method") in ADAPTER_METHODS:
@@ -93,7 +110,10 @@ def load_run(run_dir, adapter=None, verify_base: bool = True) -> tuple:
     else:
         model, tokenizer, _ = load_base(run)
         description = {"base": str(run)}
-    if adapter is not None:
+    if isinstance(adapter, dict):
+        model, kind = attach_named_adapters(model, adapter, verify_base)
+        description.update(adapters={n: str(d) for n, d in adapter.items()}, adapter_kind=kind)
+    elif adapter is not None:
         model, kind = attach_adapter(model, adapter, verify_base)
         description.update(adapter=str(adapter), adapter_kind=kind)
     return model, tokenizer, description

@@ -4,7 +4,8 @@ adapter, or a transformers fine-tuning run folder (its recorded base plus its ``
 An adapter is loaded onto the base it records (``minituner.base`` in adapter_config.json: float
 LoRA or NF4 QLoRA, compute dtype), and its base fingerprint must match; a PEFT adapter without
 that record is taken as float LoRA on the given base. Returned models are in eval mode, behind
-the Mini-GPT-shaped views of :mod:`minituner.hf.views`.
+the Mini-GPT-shaped views of :mod:`minituner.hf.views`. Several adapters (name -> folder) load
+as named adapters of :mod:`minituner.lora.multi` on the base the first one records.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from minituner.hf.merge import adapter_base_record
 from minituner.hf.models import load_hf_model, load_hf_tokenizer
 from minituner.hf.views import hf_views
 from minituner.lora.adapters import CONFIG_NAME, load_adapter
+from minituner.lora.multi import load_named_adapter, name_adapter
 
 RUN_ADAPTER = "adapter"
 
@@ -45,12 +47,35 @@ def load_adapted_model(model_spec: str | None, adapter_dir: str | os.PathLike,
     return model, path
 
 
+def load_named_adapters(model_spec: str | None, adapters: dict,
+                        device: str | torch.device = "cpu", allow_pickle: bool = False,
+                        verify_base: bool = True) -> tuple:
+    """(model holding every adapter of ``adapters`` (name -> folder) under its name, the first
+    one active; its base directory). The base is the one the first adapter records (or
+    ``model_spec``); every other adapter must fit it (fingerprint, shapes), or a one-line
+    error names it."""
+    (first, directory), *others = adapters.items()
+    try:
+        model, path = load_adapted_model(model_spec, directory, device, allow_pickle,
+                                         verify_base)
+    except ValueError as exc:
+        raise ValueError(f"adapter {first!r}: {exc}") from None
+    name_adapter(model, first)
+    for name, other in others:
+        load_named_adapter(model, other, name, strict=verify_base)
+    return model, path
+
+
 def inference_views(model_spec: str | None, adapter_dir: str | os.PathLike | None = None,
                     device: str | torch.device = "cpu", allow_pickle: bool = False,
                     verify_base: bool = True) -> tuple:
     """(ModelView, TokenizerView) of a transformers base, with ``adapter_dir`` applied when
-    given (``model_spec`` None: the adapter's recorded base)."""
-    if adapter_dir is not None:
+    given (``model_spec`` None: the adapter's recorded base); a dict of name -> folder loads
+    them all as named adapters (:func:`load_named_adapters`)."""
+    if isinstance(adapter_dir, dict):
+        model, path = load_named_adapters(model_spec, adapter_dir, device, allow_pickle,
+                                          verify_base)
+    elif adapter_dir is not None:
         model, path = load_adapted_model(model_spec, adapter_dir, device, allow_pickle,
                                          verify_base)
     elif model_spec is None:
@@ -65,7 +90,9 @@ def run_inference_views(run_dir: str | os.PathLike, adapter_dir=None,
                         device: str | torch.device = "cpu", allow_pickle: bool = False,
                         verify_base: bool = True) -> tuple:
     """(ModelView, TokenizerView) of a transformers run folder: its base plus its adapter (or
-    ``adapter_dir`` instead)."""
+    ``adapter_dir`` instead: a folder, or a dict of name -> folder)."""
+    if isinstance(adapter_dir, dict):
+        return inference_views(None, adapter_dir, device, allow_pickle, verify_base)
     adapter = Path(adapter_dir) if adapter_dir is not None else run_adapter_dir(run_dir)
     return inference_views(None, adapter, device, allow_pickle, verify_base)
 

@@ -1,5 +1,6 @@
 """LoRA: the layer, the interface it uses to reach its frozen base, its fused autograd function,
-target resolution, injection, merging and PEFT-format adapter files. The package's public API is
+target resolution, injection, merging, PEFT-format adapter files and several named adapters
+on one base. The package's public API is
 re-exported here. Nothing in this package imports quantization code."""
 
 from minituner.lora.base import DenseBase, FrozenBase, frozen_base
@@ -40,6 +41,25 @@ from minituner.lora.merge import (
     run_probe,
     unmerge_lora,
 )
+from minituner.lora.multi import (
+    BASE_ROW,
+    COMBINATION_TYPES,
+    LoRAAdapter,
+    MultiLoRALinear,
+    active_adapter,
+    adapter_names,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapter_layers,
+    enable_adapter_layers,
+    forward_with_adapters,
+    load_named_adapter,
+    multi_layers,
+    name_adapter,
+    save_named_adapter,
+    set_adapter,
+    use_adapter_rows,
+)
 from minituner.lora.targets import (
     ALL_LINEAR,
     MINIGPT_TARGETS,
@@ -64,4 +84,9 @@ __all__ = [
     "output_drift", "pattern_value", "resolve_target_modules", "run_probe", "set_submodule",
     "source_fan_in_fan_out",
     "suffix_matches", "unmerge_lora", "wrap_minigpt_with_lora",
+    # several named adapters on one base (multi.py)
+    "BASE_ROW", "COMBINATION_TYPES", "LoRAAdapter", "MultiLoRALinear", "active_adapter",
+    "adapter_names", "add_weighted_adapter", "delete_adapter", "disable_adapter_layers",
+    "enable_adapter_layers", "forward_with_adapters", "load_named_adapter", "multi_layers",
+    "name_adapter", "save_named_adapter", "set_adapter", "use_adapter_rows",
 ]
