@@ -121,3 +121,17 @@ def test_refit_scales_lower_the_error_and_stay_ordinary_nf4():
         assert torch.equal(dequantize_nf4(again), dequantize_nf4(refit))
     result = loftq_factors(weight, 4, 2.0, 3, refit_scales=True)
     assert result.errors[-1] < loftq_factors(weight, 4, 2.0, 3).errors[-1]
+
+
+def test_more_starting_scales_never_raise_a_blocks_error():
+    torch.manual_seed(1)
+    weight = torch.randn(16, 256) * 0.05
+    one = quantize_nf4_refit(weight, 64, False, starts=1)
+    many = quantize_nf4_refit(weight, 64, False, starts=21)
+    blocks = weight.reshape(-1, 64)
+
+    def block_errors(q):
+        return ((blocks - dequantize_nf4(q, dtype=torch.float32).reshape(-1, 64)) ** 2).sum(1)
+
+    assert bool((block_errors(many) <= block_errors(one) + 1e-12).all())
+    assert block_errors(many).sum() < block_errors(one).sum()

@@ -17,7 +17,8 @@ returned by :func:`loftq_factors` (``errors``) so a run can report how it conver
 each block's scale instead of taking its absmax: with the codes fixed, the scale that minimises
 the block's squared error is ``<w, c> / <c, c>``; with the scale fixed, the best codes are the
 nearest levels of ``w / scale``; :func:`quantize_nf4_refit` alternates the two (each step can
-only lower the error). The result is an ordinary NF4 weight (its "absmax" is that scale, double
+only lower the error) from several starting scales (0.6 to 1 times the absmax), keeps each
+block's best, and picks the codes last for the scale as double quantization stores it. The result is an ordinary NF4 weight (its "absmax" is that scale, double
 quantized as usual), so bitsandbytes and the dequantize path read it unchanged.
 
 Everything is deterministic: NF4 is exact integer work and the SVD is the full one in fp32.
@@ -44,10 +45,12 @@ from minituner.lora.init import svd_factors
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.kernels import NF4_CODE, code_midpoints, lookup_tables
 from minituner.quant.nf4 import (
+    NESTED_BLOCKSIZE,
     NF4Weight,
     check_blocksize,
     check_dtype,
     dequantize_nf4,
+    dequantize_scales,
     quantize_nf4,
     quantize_scales,
 )
@@ -91,9 +94,11 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 
 @torch.no_grad()
 def quantize_nf4_refit(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                       rounds: int = 4) -> NF4Weight:
-    """NF4 with least-squares block scales: codes and scale alternate ``rounds`` times from
-    absmax (see the module docstring); an ordinary :class:`NF4Weight`."""
+                       rounds: int = 4, starts: int = 21) -> NF4Weight:
+    """NF4 with least-squares block scales: from each of ``starts`` scales between 0.6 and 1
+    times the block's absmax, codes and scale alternate ``rounds`` times; each block keeps the
+    start with the lowest error, and its codes are chosen last for the scale as stored (after
+    double quantization). An ordinary :class:`NF4Weight` (see the module docstring)."""
     check_dtype(w.dtype)
     check_blocksize(blocksize)
     flat = w.detach().float().reshape(-1)
@@ -107,20 +112,34 @@ def quantize_nf4_refit(w: torch.Tensor, blocksize: int = 64, double_quant: bool 
         scaled = (blocks / scale.clamp(min=1e-38).unsqueeze(1)).clamp(-1.0, 1.0)
         return torch.bucketize(scaled, midpoints, right=False)
 
-    scale = blocks.abs().amax(dim=1)
-    for _ in range(rounds):
-        chosen = levels[nearest(scale)]
-        energy = (chosen * chosen).sum(dim=1)
-        fitted = (blocks * chosen).sum(dim=1) / energy.clamp(min=1e-30)
-        scale = torch.where(energy > 0, fitted, scale)
-    codes = nearest(scale).reshape(-1)[:flat.numel()]
-    fields = {"packed": pack(codes), "shape": tuple(w.shape), "dtype": w.dtype,
-              "blocksize": blocksize, "code": lookup_tables(str(w.device))["code"]}
+    def block_error(scale: torch.Tensor) -> torch.Tensor:
+        return ((blocks - levels[nearest(scale)] * scale.unsqueeze(1)) ** 2).sum(dim=1)
+
+    absmax = blocks.abs().amax(dim=1)
+    best_scale, best_error = absmax, block_error(absmax)
+    for start in torch.linspace(0.6, 1.0, max(1, starts)):
+        scale = absmax * start
+        for _ in range(rounds):
+            chosen = levels[nearest(scale)]
+            energy = (chosen * chosen).sum(dim=1)
+            fitted = (blocks * chosen).sum(dim=1) / energy.clamp(min=1e-30)
+            scale = torch.where(energy > 0, fitted, scale)
+        error = block_error(scale)
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.where(better, error, best_error)
+    tables = lookup_tables(str(w.device))
+    fields = {"shape": tuple(w.shape), "dtype": w.dtype, "blocksize": blocksize,
+              "code": tables["code"]}
     if not double_quant:
-        return NF4Weight(absmax=scale, **fields)
-    scale_codes, nested_absmax, offset = quantize_scales(scale)
-    return NF4Weight(absmax=scale_codes, nested_absmax=nested_absmax, offset=offset,
-                     nested_code=lookup_tables(str(w.device))["nested_code"].clone(), **fields)
+        codes = nearest(best_scale).reshape(-1)[:flat.numel()]
+        return NF4Weight(packed=pack(codes), absmax=best_scale, **fields)
+    scale_codes, nested_absmax, offset = quantize_scales(best_scale)
+    nested_code = tables["nested_code"].clone()
+    stored = dequantize_scales(scale_codes, nested_absmax, offset, nested_code, NESTED_BLOCKSIZE)
+    codes = nearest(stored).reshape(-1)[:flat.numel()]
+    return NF4Weight(packed=pack(codes), absmax=scale_codes, nested_absmax=nested_absmax,
+                     offset=offset, nested_code=nested_code, **fields)
 
 
 @torch.no_grad()
