@@ -18,8 +18,9 @@ each block's scale instead of taking its absmax: with the codes fixed, the scale
 the block's squared error is ``<w, c> / <c, c>``; with the scale fixed, the best codes are the
 nearest levels of ``w / scale``; :func:`quantize_nf4_refit` alternates the two (each step can
 only lower the error) from several starting scales (0.6 to 1 times the absmax), keeps each
-block's best, and picks the codes last for the scale as double quantization stores it. The result is an ordinary NF4 weight (its "absmax" is that scale, double
-quantized as usual), so bitsandbytes and the dequantize path read it unchanged.
+block's best, and picks the codes last for the scale as double quantization stores it. The
+result is an ordinary NF4 weight (its "absmax" is that scale, double quantized as usual), so
+bitsandbytes and the dequantize path read it unchanged.
 
 Everything is deterministic: NF4 is exact integer work and the SVD is the full one in fp32.
 Like PiSSA the start changes the base: the adapter is saved converted to a plain LoRA adapter on
