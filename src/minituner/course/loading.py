@@ -13,7 +13,7 @@ from pathlib import Path
 
 from minituner.course.finetune import load_base
 from minituner.lora.adapters import base_fingerprint, load_adapter
-from minituner.lora.multi import load_named_adapter, name_adapter
+from minituner.lora.multi import add_named_adapters
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.qlora import wrap_minigpt_qlora
 from minituner.training.config import ADAPTER_METHODS
@@ -84,9 +84,7 @@ def attach_named_adapters(model, adapters: dict, verify_base: bool = True) -> tu
         model, kind = attach_adapter(model, directory, verify_base)
     except ValueError as exc:
         raise ValueError(f"adapter {first!r}: {exc}") from None
-    name_adapter(model, first)
-    for name, other in others:
-        load_named_adapter(model, other, name, strict=verify_base)
+    add_named_adapters(model, first, dict(others), strict=verify_base)
     return model, kind
 
 

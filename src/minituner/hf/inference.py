@@ -21,7 +21,7 @@ from minituner.hf.merge import adapter_base_record
 from minituner.hf.models import load_hf_model, load_hf_tokenizer
 from minituner.hf.views import hf_views
 from minituner.lora.adapters import CONFIG_NAME, load_adapter
-from minituner.lora.multi import load_named_adapter, name_adapter
+from minituner.lora.multi import add_named_adapters
 
 RUN_ADAPTER = "adapter"
 
@@ -60,9 +60,7 @@ def load_named_adapters(model_spec: str | None, adapters: dict,
                                          verify_base)
     except ValueError as exc:
         raise ValueError(f"adapter {first!r}: {exc}") from None
-    name_adapter(model, first)
-    for name, other in others:
-        load_named_adapter(model, other, name, strict=verify_base)
+    add_named_adapters(model, first, dict(others), strict=verify_base)
     return model, path
 
 

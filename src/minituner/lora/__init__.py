@@ -48,6 +48,7 @@ from minituner.lora.multi import (
     MultiLoRALinear,
     active_adapter,
     adapter_names,
+    add_named_adapters,
     add_weighted_adapter,
     delete_adapter,
     disable_adapter_layers,
@@ -86,7 +87,8 @@ __all__ = [
     "suffix_matches", "unmerge_lora", "wrap_minigpt_with_lora",
     # several named adapters on one base (multi.py)
     "BASE_ROW", "COMBINATION_TYPES", "LoRAAdapter", "MultiLoRALinear", "active_adapter",
-    "adapter_names", "add_weighted_adapter", "delete_adapter", "disable_adapter_layers",
+    "adapter_names", "add_named_adapters", "add_weighted_adapter", "delete_adapter",
+    "disable_adapter_layers",
     "enable_adapter_layers", "forward_with_adapters", "load_named_adapter", "multi_layers",
     "name_adapter", "save_named_adapter", "set_adapter", "use_adapter_rows",
 ]

@@ -104,13 +104,8 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def merge(self, target: str | None = None) -> None:
         """Fold W' into the base: W <- g * (W + s B A); a FrozenBase may swap in a new module."""
-        base = frozen_base(self.base)
-        if base is None:
-            raise ValueError(f"cannot merge into a {type(self.base).__name__} base")
-        target = base.merge_targets[0] if target is None else target
         scale = self.magnitude_scale().detach().clone()
-        self.base = base.merged_with(self.lora_A, self.lora_B, self.scaling, target,
-                                     row_scale=scale)
+        self.base = self.merged_base(target, row_scale=scale)
         self.merged_scale = scale
         self.merged = True
 

@@ -185,12 +185,20 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, target: str | None = None) -> None:
         """Fold the update into the base (W += delta); a FrozenBase may swap in a new module."""
+        self.base = self.merged_base(target)
+        self.merged = True
+
+    @torch.no_grad()
+    def merged_base(self, target: str | None = None,
+                    row_scale: torch.Tensor | None = None) -> nn.Module:
+        """The base with ``scaling * B @ A`` added (rows times ``row_scale`` when given), through
+        the base's :class:`FrozenBase` ``merged_with``; ``target`` None: its first target."""
         base = frozen_base(self.base)
         if base is None:
             raise ValueError(f"cannot merge into a {type(self.base).__name__} base")
         target = base.merge_targets[0] if target is None else target
-        self.base = base.merged_with(self.lora_A, self.lora_B, self.scaling, target)
-        self.merged = True
+        scaled = {} if row_scale is None else {"row_scale": row_scale}  # a plain base may lack it
+        return base.merged_with(self.lora_A, self.lora_B, self.scaling, target, **scaled)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -51,8 +51,9 @@ from minituner.lora.targets import set_submodule
 
 __all__ = [
     "BASE_ROW", "COMBINATION_TYPES", "LoRAAdapter", "MultiLoRALinear", "active_adapter",
-    "adapter_names", "add_weighted_adapter", "delete_adapter", "disable_adapter_layers",
-    "enable_adapter_layers", "forward_with_adapters", "load_named_adapter", "multi_layers",
+    "adapter_names", "add_named_adapters", "add_weighted_adapter", "delete_adapter",
+    "disable_adapter_layers", "enable_adapter_layers", "forward_with_adapters",
+    "load_named_adapter", "multi_layers",
     "name_adapter", "save_named_adapter", "set_adapter", "use_adapter_rows",
 ]
 
@@ -297,6 +298,17 @@ def load_named_adapter(model: nn.Module, directory, name: str,
         adapters = {path: LoRAAdapter.from_layer(layer, name, order)
                     for path, layer in lora_layers(model)}
     _attach(model, name, adapters)
+    return model
+
+
+def add_named_adapters(model: nn.Module, first: str, others: dict,
+                       strict: bool = True) -> nn.Module:
+    """Name the one adapter ``model`` already holds ``first``, then load each of ``others``
+    ({name: directory}) beside it: the loaders of several adapters on a Mini-GPT or a
+    transformers base share this."""
+    name_adapter(model, first)
+    for name, directory in others.items():
+        load_named_adapter(model, directory, name, strict=strict)
     return model
 
 
