@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hf,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,hf,bench,track]"
 	touch $(STAMP)
 
 demo: $(STAMP)
