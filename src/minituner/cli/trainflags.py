@@ -84,10 +84,16 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                              f"{default('batch_size')}")
     parser.add_argument("--grad-accum", type=positive_int, default=None,
                         help=f"micro-batches per optimizer step {default('grad_accum')}")
-    parser.add_argument("--lr", type=positive_float, default=None,
+    parser.add_argument("--lr", "--learning-rate", type=positive_float, default=None, dest="lr",
                         help=f"peak learning rate {default('lr', 'g')}")
-    parser.add_argument("--warmup", type=fraction, default=None,
+    parser.add_argument("--lr-scheduler", default=None, choices=("cosine", "linear", "constant"),
+                        help="after warmup: cosine (default, down to 10%% of --lr), linear "
+                             "(down to 0) or constant")
+    warmup = parser.add_mutually_exclusive_group()
+    warmup.add_argument("--warmup-ratio", "--warmup", type=fraction, default=None, dest="warmup",
                         help=f"warmup fraction of the steps {default('warmup', 'g')}")
+    warmup.add_argument("--warmup-steps", type=nonneg_int, default=None,
+                        help="warmup in optimizer steps instead of --warmup-ratio")
     parser.add_argument("--weight-decay", type=nonneg_float, default=None,
                         help=f"AdamW weight decay {default('weight_decay', 'g')}")
     mg_only = "Mini-GPT only. " if model_flags else ""
@@ -112,7 +118,9 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                         help="LoRA+: lora_B learns at K times the learning rate of lora_A "
                              "(the paper suggests 16; default: plain LoRA)")
     parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
-                        help="module-name suffixes to adapt (default: every Linear)")
+                        help="module-name suffixes to adapt, or one regex matched against the "
+                             "whole module path (PEFT's target_modules string) (default: every "
+                             "Linear)")
     parser.add_argument("--eval-every", type=positive_int, default=None,
                         help=f"validation every N steps {default('eval_every')}")
     parser.add_argument("--checkpoint-every", type=positive_int, default=None,
@@ -152,6 +160,17 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
         parser.add_argument("--allow-pickle", action="store_true", default=None,
                             help=f"{hf_only}read a base folder that holds only pickle weights "
                                  "(pytorch_model.bin; unpickling can run code)")
+        parser.add_argument("--exclude", nargs="+", default=None, metavar="NAME",
+                            help=f"{hf_only}module-name suffixes (or one regex) never adapted")
+        parser.add_argument("--layers", default=None, metavar="RANGE",
+                            help=f"{hf_only}adapt these decoder layers only: 0-11 or 0,2,5 "
+                                 "(PEFT's layers_to_transform)")
+        parser.add_argument("--modules-to-save", nargs="+", default=None, metavar="NAME",
+                            help=f"{hf_only}modules trained in full beside the adapters and "
+                                 "saved with them (e.g. embed_tokens lm_head)")
+        parser.add_argument("--add-tokens", nargs="+", default=None, metavar="TOKEN",
+                            help=f"{hf_only}special tokens added to the tokenizer; the "
+                                 "embeddings grow and need --modules-to-save")
         parser.add_argument("--device", default=None,
                             help=f"{hf_only}auto (default: CUDA when available), cpu, cuda or "
                                  "cuda:N")
@@ -160,6 +179,10 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                             default=None,
                             help="with --resume: go on although the base's fingerprint differs "
                                  "from the one the run recorded (a warning says so)")
+    parser.add_argument("--report-to", nargs="+", default=None,
+                        choices=("tensorboard", "wandb", "mlflow"),
+                        help="also log to TensorBoard (event files in the run folder), or W&B / "
+                             "MLflow offline when installed")
     parser.add_argument("--config", metavar="FILE",
                         help="YAML or JSON file of these settings (flags given here win)")
     add_threads_flag(parser)

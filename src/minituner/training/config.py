@@ -17,7 +17,8 @@ from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.util.config import from_dict, typed_values
 
 __all__ = ["ADAPTER_METHODS", "DEFAULT_STEPS", "HF_PREFIX", "INIT_NAMES", "KINDS",
-           "KIND_DEFAULTS", "KIND_METHODS", "KIND_REFUSES", "METHODS", "METHOD_REFUSES",
+           "KIND_DEFAULTS", "KIND_METHODS", "KIND_REFUSES", "LR_SCHEDULERS", "METHODS",
+           "METHOD_REFUSES", "TRACKERS",
            "RUNTIME_FIELDS", "SETTING_NEEDS", "FinetuneConfig", "PretrainConfig", "base_method",
            "check_given_settings", "check_ranges", "flag_name", "kind_defaults", "model_kind",
            "parse_init", "uses_dora"]
@@ -47,7 +48,8 @@ DEFAULT_STEPS = KIND_DEFAULTS["minigpt"]["steps"]
 KIND_REFUSES = {
     "minigpt": {name: "it applies to transformers (hf:) models only" for name in (
         "val_fraction", "use_rslora", "max_len", "strict_len", "chat_template",
-        "grad_checkpointing", "dtype", "allow_pickle")},
+        "grad_checkpointing", "dtype", "allow_pickle", "exclude", "layers", "rank_pattern",
+        "alpha_pattern", "modules_to_save", "add_tokens")},
     "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
                      "run has",
            "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
@@ -58,7 +60,8 @@ KIND_REFUSES = {
 # Settings a method cannot use: refused when given at all (a flag or a --config key), and why.
 METHOD_REFUSES = {
     "full": {name: "full fine-tuning trains every weight and has no adapter" for name in (
-        "rank", "alpha", "dropout", "targets", "use_rslora", "init", "loraplus_lr_ratio")}
+        "rank", "alpha", "dropout", "targets", "use_rslora", "init", "loraplus_lr_ratio",
+        "exclude", "layers", "rank_pattern", "alpha_pattern", "modules_to_save")}
     | {"quant_scheme": "only --method qlora quantizes the base"},
     "lora": {"quant_scheme": "only --method qlora or qdora quantizes the base"},
     "qlora": {},
@@ -74,7 +77,9 @@ SETTING_NEEDS = {
 }
 
 # Settings recorded in config.json that a --resume may change (they do not decide results).
-RUNTIME_FIELDS = ("threads", "allow_pickle", "verify_base")
+RUNTIME_FIELDS = ("threads", "allow_pickle", "verify_base", "report_to")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 def base_method(method: str) -> str:
@@ -94,6 +99,8 @@ def check_given_settings(given: dict, method: str) -> None:
     for name, why in METHOD_REFUSES.get(method, {}).items():
         if given.get(name) is not None:
             raise ValueError(f"{flag_name(name)} cannot be used with --method {method} ({why})")
+    if given.get("warmup") is not None and given.get("warmup_steps") is not None:
+        raise ValueError("give --warmup-steps or --warmup-ratio (--warmup), not both")
     for name, (needed, why) in SETTING_NEEDS.items():
         if given.get(name) is not None and given.get(needed) is None:
             raise ValueError(f"{flag_name(name)} needs {flag_name(needed)} ({why})")
@@ -187,6 +194,16 @@ class FinetuneConfig:
     verify_base: bool = True  # False: a --resume may go on over a base whose fingerprint changed
     init: str | None = None  # None: the kind's A init (Mini-GPT gaussian, hf kaiming)
     loraplus_lr_ratio: float | None = None  # LoRA+: B's lr / A's lr (None: plain LoRA, as 1)
+    # The settings below default to None so a run folder written before they existed resumes.
+    lr_scheduler: str | None = None  # cosine (None: cosine down to 10%), linear or constant
+    warmup_steps: int | None = None  # warmup in steps instead of the fraction ``warmup``
+    report_to: list | None = None  # trackers: tensorboard, wandb, mlflow (None: none)
+    exclude: list | None = None  # module-name suffixes (or one regex) never adapted
+    layers: str | None = None  # "0-11" or "0,2,5": PEFT's layers_to_transform
+    rank_pattern: dict | None = None  # module-name regex -> rank (PEFT's rule)
+    alpha_pattern: dict | None = None  # module-name regex -> alpha
+    modules_to_save: list | None = None  # modules trained in full beside the adapters
+    add_tokens: list | None = None  # special tokens added to the tokenizer (rows trained)
 
     @property
     def kind(self) -> str:
@@ -230,6 +247,12 @@ class FinetuneConfig:
             ("val_fraction", self.val_fraction is None or 0 < self.val_fraction < 1,
              "a fraction in (0, 1)"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+            ("lr_scheduler", self.lr_scheduler is None or self.lr_scheduler in LR_SCHEDULERS,
+             "one of " + ", ".join(LR_SCHEDULERS)),
+            ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0,
+             "a non-negative int"),
+            ("report_to", all(t in TRACKERS for t in self.report_to or ()),
+             "a list of " + ", ".join(TRACKERS)),
             ("loraplus_lr_ratio", self.loraplus_lr_ratio is None
              or (self.loraplus_lr_ratio > 0 and _finite(self.loraplus_lr_ratio)),
              "a positive finite number"),

@@ -14,7 +14,12 @@ import torch.nn as nn
 
 from minituner.models.minigpt import masked_token_nll
 from minituner.training.checkpoint import capture_rng, restore_rng
-from minituner.training.config import KIND_DEFAULTS, FinetuneConfig, PretrainConfig
+from minituner.training.config import (
+    KIND_DEFAULTS,
+    LR_SCHEDULERS,
+    FinetuneConfig,
+    PretrainConfig,
+)
 from minituner.training.evaluation import call_model, make_validator
 from minituner.training.sampling import SequenceBatches
 
@@ -79,13 +84,48 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_linear(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warmup, then linear decay to 0 (transformers' linear)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def warmup_constant(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warmup, then constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 1.0
+
+
+def lr_multiplier(kind: str, step: int, total_steps: int, warmup_steps: int,
+                  min_ratio: float = 0.1) -> float:
+    """The multiplier of schedule ``kind`` ('cosine', 'linear' or 'constant') at ``step``."""
+    if kind == "cosine":
+        return warmup_cosine(step, total_steps, warmup_steps, min_ratio)
+    if kind == "linear":
+        return warmup_linear(step, total_steps, warmup_steps)
+    if kind == "constant":
+        return warmup_constant(step, warmup_steps)
+    raise ValueError(f"--lr-scheduler must be one of {list(LR_SCHEDULERS)}, got {kind!r}")
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.1
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.1,
+    kind: str = "cosine",
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with :func:`warmup_cosine`."""
+    """LambdaLR with schedule ``kind`` (default :func:`warmup_cosine`, down to ``min_ratio``)."""
+    lr_multiplier(kind, 0, total_steps, warmup_steps, min_ratio)  # refuse an unknown kind now
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_ratio)
+        optimizer, lambda step: lr_multiplier(kind, step, total_steps, warmup_steps, min_ratio)
     )
+
+
+def warmup_steps_of(cfg: FinetuneConfig, steps: int) -> int:
+    """Warmup steps of a run: --warmup-steps when given, else --warmup-ratio of ``steps``."""
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, steps)
+    return int(cfg.warmup * steps)
 
 
 def total_steps(cfg: FinetuneConfig, batches_per_epoch: int) -> int:

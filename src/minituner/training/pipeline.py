@@ -33,6 +33,7 @@ from minituner.training.loop import (
     fit,
     seed_everything,
     total_steps,
+    warmup_steps_of,
 )
 from minituner.training.runs import (
     RESULTS_FILE,
@@ -195,7 +196,8 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
     steps = total_steps(cfg, batches.batches_per_epoch)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 loraplus_lr_ratio=cfg.loraplus_lr_ratio or 1.0)
-    scheduler = build_scheduler(optimizer, steps, int(cfg.warmup * steps))
+    scheduler = build_scheduler(optimizer, steps, warmup_steps_of(cfg, steps),
+                                kind=cfg.lr_scheduler or "cosine")
     loss_fn = backend.loss_fn(cfg, model)
     work = out if checkpoint is not None else run_work_dir(out, overwrite)
     D.barrier()  # every process has seen whether --out held something before it is touched

@@ -2,9 +2,10 @@
 
 One helper for every config dataclass: unknown keys are listed with the known ones, values are
 checked against the field annotations (int, float (an int is accepted), str, bool, list of str,
-None where the annotation allows it; a bool is not a number), and a number written as text
-("1e-3", as PyYAML reads it) is read as the number. :func:`merge_settings` gives the precedence
-defaults < config file < explicit CLI flags. Torch-free; imports nothing of minituner.
+dict with str keys, None where the annotation allows it; a bool is not a number), and a number
+written as text ("1e-3", as PyYAML reads it) is read as the number. :func:`merge_settings` gives
+the precedence defaults < config file < explicit CLI flags. Torch-free; imports nothing of
+minituner.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Iterable
 
 __all__ = ["check_value", "from_dict", "merge_settings", "typed_values"]
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-          list: "a list of strings"}
+          list: "a list of strings", dict: "a mapping with string keys"}
 
 
 def _allowed(annotation) -> tuple:
@@ -55,6 +56,9 @@ def check_value(name: str, value, annotation, source: str):
     elif kind is list:
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         value = list(value) if ok else value
+    elif kind is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        value = dict(value) if ok else value
     else:
         ok = isinstance(value, kind)
     if not ok:
