@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from minituner.lora import ALL_LINEAR, apply_lora, resolve_target_modules
+from minituner.lora.targets import is_regex
 from minituner.util.files import read_json
 
 HF_PREFIX = "hf:"
@@ -222,9 +223,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def parse_targets(target_modules):
-    """'all-linear', a list of names, or a comma-separated string of names -> apply_lora's form."""
+    """'all-linear', a list of names, a comma-separated string of names, or a regex (a string
+    that is not such a list) -> apply_lora's form."""
     if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
-        return [t.strip() for t in target_modules.split(",") if t.strip()]
+        names = [t.strip() for t in target_modules.split(",") if t.strip()]
+        return target_modules if any(map(is_regex, names)) else names
     return target_modules
 
 

@@ -30,6 +30,9 @@ class LoRAConfig:
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     seed: int | None = None
+    exclude_modules: list | str | None = None  # PEFT's exclude_modules
+    layers_to_transform: list | None = None  # PEFT's layers_to_transform
+    modules_to_save: list | None = None  # paths of modules trained in full (PEFT's layout)
 
     def to_dict(self) -> dict:
         """Plain dict, for JSON."""

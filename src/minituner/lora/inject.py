@@ -33,7 +33,6 @@ from minituner.lora.layer import (
     lora_layers,
 )
 from minituner.lora.targets import (
-    ALL_LINEAR,
     MINIGPT_TARGETS,
     check_patterns,
     pattern_value,
@@ -89,6 +88,8 @@ def apply_lora(
     alpha_pattern: Mapping | None = None,
     seed: int | None = None,
     use_dora: bool = False,
+    exclude_modules=None,
+    layers_to_transform: Sequence | None = None,
 ) -> nn.Module:
     """Wrap the targeted Linears in place with LoRALinear (DoRALinear with ``use_dora``) and
     freeze the rest; returns the model.
@@ -97,7 +98,9 @@ def apply_lora(
     :class:`~minituner.lora.config.LoRAConfig` (read them with :func:`model_lora_config`).
     ``init="pissa"`` starts A and B on the weights' top singular vectors and leaves the
     residual in the base (:mod:`minituner.lora.init`); LoftQ lives in
-    :mod:`minituner.quant.loftq`, since it quantizes the base.
+    :mod:`minituner.quant.loftq`, since it quantizes the base. ``target_modules``,
+    ``exclude_modules`` and ``layers_to_transform`` follow PEFT
+    (:func:`minituner.lora.targets.resolve_target_modules`).
     """
     r, alpha = check_rank(r), check_alpha(alpha)
     dropout = check_dropout(dropout)
@@ -117,14 +120,19 @@ def apply_lora(
     if use_dora and pissa:
         raise ValueError("init 'pissa' cannot be used with use_dora=True (DoRA's magnitude "
                          "starts from the base's row norms; PiSSA changes the base)")
-    names = resolve_target_modules(model, target_modules)
+    layers_to_transform = None if layers_to_transform is None else list(layers_to_transform)
+    names = resolve_target_modules(model, target_modules, exclude_modules, layers_to_transform)
     if not names:
         raise ValueError(f"target_modules {target_modules!r} selects no Linear in the model")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     config = LoRAConfig(
         r=r, alpha=alpha, dropout=dropout, init=init, use_rslora=use_rslora,
-        target_modules=target_modules if target_modules == ALL_LINEAR else list(target_modules),
+        target_modules=target_modules if isinstance(target_modules, str)
+        else list(target_modules),
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, seed=seed, use_dora=use_dora,
+        exclude_modules=exclude_modules if exclude_modules is None
+        or isinstance(exclude_modules, str) else list(exclude_modules),
+        layers_to_transform=layers_to_transform,
     )
     layer_class = DoRALinear if use_dora else LoRALinear
     layers = {

@@ -21,7 +21,7 @@ __all__ = ["ADAPTER_METHODS", "DEFAULT_STEPS", "HF_PREFIX", "INIT_NAMES", "KINDS
            "METHOD_REFUSES", "TRACKERS",
            "RUNTIME_FIELDS", "SETTING_NEEDS", "FinetuneConfig", "PretrainConfig", "base_method",
            "check_given_settings", "check_ranges", "flag_name", "kind_defaults", "model_kind",
-           "parse_init", "uses_dora"]
+           "parse_init", "parse_layers", "uses_dora"]
 
 # dora / qdora: DoRA (weight-decomposed LoRA, minituner.lora.dora) on a float / NF4 base.
 METHODS = ("lora", "qlora", "full", "dora", "qdora")
@@ -121,6 +121,21 @@ def parse_init(init: str | None) -> tuple:
     if not count.isdigit() or int(count) < 1:
         raise ValueError(f"--init loftq:N needs N an int >= 1, got {init!r}")
     return name, int(count)
+
+
+def parse_layers(text: str | None) -> list | None:
+    """Layer indices of a --layers value: '0-11' (inclusive), '0,2,5' or a mix ('0-3,8');
+    None stays None."""
+    if text is None:
+        return None
+    indices: list = []
+    for part in str(text).split(","):
+        first, dash, last = part.strip().partition("-")
+        last = last if dash else first
+        if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+            raise ValueError(f"--layers must be layer indices like 0-11 or 0,2,5, got {text!r}")
+        indices.extend(range(int(first), int(last) + 1))
+    return sorted(set(indices))
 
 
 def model_kind(model: str | None) -> str:
@@ -259,6 +274,7 @@ class FinetuneConfig:
         ]
         check_ranges(self, checks, FILE_ONLY)
         self._check_init(kind)
+        parse_layers(self.layers)
         if kind == "hf" and self.rank < 1:
             raise ValueError(f"--rank must be a positive int for {KIND_NAMES[kind]} models, "
                              f"got {self.rank}")
