@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from hf_helpers import logits_of, randomize_lora_b, token_batch
+
 from minituner.hf.models import apply_hf_lora, load_hf_model, parse_targets
 from minituner.lora import lora_layers, resolve_target_modules
 from minituner.lora.adapters import load_adapter, save_adapter
