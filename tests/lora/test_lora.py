@@ -340,6 +340,7 @@ def test_rank_and_alpha_patterns_and_config_record():
         "use_dora": False,
         "target_modules": list(MINIGPT_TARGETS), "rank_pattern": {"fc1": 2},
         "alpha_pattern": {"blocks.1.attn.q_proj": 3.0}, "seed": None,
+        "exclude_modules": None, "layers_to_transform": None, "modules_to_save": None,
     }
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, ["q_proj"])

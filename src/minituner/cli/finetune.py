@@ -70,6 +70,14 @@ def resume_line(info: dict) -> str | None:
     return f"resuming from step {info['resumed_from']} of {info['steps']}"
 
 
+def sizes_line(info: dict) -> str:
+    """What the run is about to do: trainable parameters, examples, tokens, epochs, steps,
+    effective batch."""
+    return (f"trainable parameters {info['trainable_params']:,}, examples {info['examples']:,}, "
+            f"tokens {info['tokens']:,}, epochs {info['epochs']:.2f}, steps {info['steps']}, "
+            f"effective batch {info['effective_batch']}")
+
+
 def print_complete(results: dict, out: str) -> None:
     """What --resume of a finished run says (it trains nothing)."""
     print(f"{out}: the run is complete ({results.get('steps')} steps); nothing to resume "
@@ -92,6 +100,7 @@ def run_minigpt(args, cfg) -> int:
     progress = Progress(f"{cfg.method} r={cfg.rank}" if cfg.method != "full" else "full")
 
     def on_start(info: dict) -> None:
+        print(sizes_line(info), flush=True)
         line = resume_line(info)
         if line:
             print(line, flush=True)
@@ -139,6 +148,7 @@ def run_hf(args, cfg) -> int:
               f"{dtype_name(info['dtype'])} (--dtype {cfg.dtype}), processes "
               f"{info['dist'].world_size}, global batch {cfg.batch_size}, method {cfg.method} "
               f"r={cfg.rank}, lr {cfg.lr:g}, steps {info['steps']}", flush=True)
+        print(sizes_line(info), flush=True)
         line = resume_line(info)
         if line:
             print(line, flush=True)

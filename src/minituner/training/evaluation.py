@@ -68,21 +68,46 @@ def perplexity(total: float, count: float) -> float:
     return math.exp(total / count)
 
 
+@torch.no_grad()
+def masked_token_stats(model: nn.Module, batches: Iterable[dict],
+                       forward: Callable = call_model) -> tuple:
+    """(summed NLL, target count, correct greedy next tokens) over the masked targets of
+    ``batches``, without gradients; the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    total, count, correct = 0.0, 0.0, 0.0
+    try:
+        for batch in batches:
+            logits = forward(model, batch)
+            targets = batch["targets"].to(logits.device)
+            mask = batch["target_mask"].to(logits.device)
+            nll, n = masked_token_nll(logits, targets, mask)
+            hits = (logits.argmax(-1) == targets) & mask.bool()
+            total, count, correct = total + float(nll), count + float(n), correct + float(
+                hits.sum())
+    finally:
+        model.train(was_training)
+    return total, count, correct
+
+
 def make_validator(sequences: list, pad_id: int, forward: Callable = call_model,
                    batch_size: int = 128, device: torch.device | str | None = None,
                    reduce_sum: Callable[[list], list] | None = None) -> Callable:
-    """evaluate(model) -> {"val_loss", "val_ppl"}: the masked NLL per target token.
+    """evaluate(model) -> {"val_loss", "val_ppl", "val_token_accuracy"}: the masked NLL per
+    target token and the fraction of target tokens the model ranks first.
 
-    ``reduce_sum`` sums [nll, count] over processes (each scores its own share of
+    ``reduce_sum`` sums [nll, count, correct] over processes (each scores its own share of
     ``sequences``) in a distributed run.
     """
 
     def evaluate(model: nn.Module) -> dict:
-        totals = list(summed_nll(model, sequences, pad_id, forward, batch_size, device))
+        batches = sequence_batches(sequences, pad_id, batch_size, device)
+        totals = list(masked_token_stats(model, batches, forward))
         if reduce_sum is not None:
             totals = reduce_sum(totals)
         loss = totals[0] / max(totals[1], 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)),
+                "val_token_accuracy": totals[2] / max(totals[1], 1.0)}
 
     return evaluate
 

@@ -225,7 +225,7 @@ def fit(
         restore_rng(resume["rng"])
         start, log, best = int(resume["step"]), list(resume["log"]), dict(resume["best"])
     model.train()
-    started = time.perf_counter()
+    started, seen_tokens = time.perf_counter(), 0
     for step in range(start + 1, cfg.steps + 1):
         micro = [batches((step - 1) * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
         total_tokens = max(1, reduce_count(sum(token_count(b) for b in micro)))
@@ -238,13 +238,17 @@ def fit(
         loss = reduce_loss(loss_total) / total_tokens
         _check_finite("loss", loss, step, writer)
         if cfg.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
-            _check_finite("gradient norm", float(norm), step, writer)
+            norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip))
+            _check_finite("gradient norm", norm, step, writer)
+        else:
+            norm = gradient_norm(named)
         optimizer.step()
         scheduler.step()
         elapsed = time.perf_counter() - started
+        seen_tokens += total_tokens
         record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                  "target_tokens": total_tokens, "elapsed_s": elapsed}
+                  "target_tokens": total_tokens, "elapsed_s": elapsed, "grad_norm": norm,
+                  "tokens_per_s": seen_tokens / max(elapsed, 1e-9)}
         if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             metrics = evaluate(model)
             record.update(metrics)
@@ -265,6 +269,13 @@ def fit(
     if restore_best and best["state"] is not None:
         _restore(named, best["state"])
     return FitResult(log, best["step"], best["metrics"], start if resume is not None else None)
+
+
+@torch.no_grad()
+def gradient_norm(named: list) -> float:
+    """The L2 norm of every trainable gradient together (what clipping would measure)."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for _, p in named if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _check_finite(what: str, value: float, step: int, writer) -> None:

@@ -49,6 +49,7 @@ from minituner.training.runs import (
     with_relative_base,
 )
 from minituner.training.sampling import MixedBatches
+from minituner.training.tracking import MultiTracker, check_trackers, make_tracker
 from minituner.util.files import (
     atomic_write_json,
     check_out_apart,
@@ -174,6 +175,7 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
     """
     started = time.perf_counter()
     cfg.validate()
+    check_trackers(cfg.report_to)
     out = Path(out_dir)
     check_inputs_apart(cfg, out)
     info = backend.setup(cfg)
@@ -206,10 +208,13 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
     D.barrier()
     if on_start is not None:
         on_start({"steps": steps, "resumed_from": checkpoint and checkpoint["step"],
-                  **backend.start_info()})
+                  **run_sizes(cfg, model, prepared, batches, steps), **backend.start_info()})
+    tracker = writer.write(make_tracker, cfg.report_to, work, config["finetune"]) or \
+        MultiTracker([])
 
     def step_hook(record: dict) -> None:
         backend.on_step(model, record)
+        tracker.log(record)
         if on_step is not None:
             on_step(record)
 
@@ -221,8 +226,10 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
                      on_step=step_hook, resume=checkpoint, reduce_count=D.reduce_count,
                      reduce_loss=D.reduce_float)
     except Exception as exc:
+        tracker.close()
         writer.write(_stop_failed, work, out, exc)
         raise
+    tracker.close()
     results = backend.results(cfg, TrainedRun(model, optimizer, loss_fn, batches, result, steps,
                                               info))
     writer.write(backend.save, cfg, model, work)
@@ -235,6 +242,21 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
     writer.write(publish_run, work, out)
     D.barrier()
     return results
+
+
+def run_sizes(cfg: FinetuneConfig, model: nn.Module, prepared: Prepared, batches: MixedBatches,
+              steps: int) -> dict:
+    """What a run is about to do, for the console before step 1: trainable parameters,
+    examples, their tokens, epochs, steps and the effective batch (rows per optimizer step)."""
+    examples = len(prepared.train)
+    return {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "examples": examples,
+        "tokens": sum(len(seq["ids"]) if isinstance(seq, dict) else len(seq)
+                      for seq in prepared.train),
+        "epochs": steps * cfg.grad_accum / max(1, batches.batches_per_epoch),
+        "effective_batch": cfg.batch_size * cfg.grad_accum,
+    }
 
 
 def _stop_failed(work: Path, out: Path, error: BaseException) -> None:
