@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from hf_helpers import write_data
+
 from minituner.cli import main
 from minituner.training.tracking import TAGS, check_trackers, scalars
 
