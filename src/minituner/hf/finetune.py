@@ -186,10 +186,12 @@ class HFBackend:
         """LoRA on the base (and gradient checkpointing when asked); a base-changing init
         (PiSSA) also keeps what saving its converted adapter needs."""
         changes_base = parse_init(cfg.init)[0] in BASE_CHANGING_INITS
-        stats = base_tensor_stats(self.model) if changes_base else None
+        stats = base_tensor_stats(self.model) if changes_base or cfg.modules_to_save else None
         model = add_lora(self.model, cfg)
         if changes_base:
             self.original = {"initial": lora_state_dict(model), "tensor_stats": stats}
+        elif cfg.modules_to_save:  # the trained copies must not enter the base's statistics
+            self.original = {"tensor_stats": stats}
         return model
 
     def loss_fn(self, cfg: FinetuneConfig, model: nn.Module):

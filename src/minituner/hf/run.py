@@ -20,6 +20,7 @@ from minituner.hf.models import (
     read_hf_config,
 )
 from minituner.lora.adapters import base_fingerprint
+from minituner.lora.saved_modules import apply_modules_to_save
 from minituner.lora.targets import target_spec
 from minituner.quant.qlora import QuantizedLinear
 from minituner.training.config import base_method, parse_init, parse_layers, uses_dora
@@ -111,14 +112,16 @@ def load_hf_base(cfg, dtype: torch.dtype, device: torch.device) -> tuple:
 
 def add_lora(model: nn.Module, cfg) -> nn.Module:
     """LoRA on the base's Linears (``cfg.targets``, default all, less ``cfg.exclude``, in
-    ``cfg.layers``; ranks and alphas by ``cfg.rank_pattern`` / ``cfg.alpha_pattern``), in
-    training mode."""
+    ``cfg.layers``; ranks and alphas by ``cfg.rank_pattern`` / ``cfg.alpha_pattern``) and
+    ``cfg.modules_to_save`` trained in full, in training mode."""
     targets = target_spec(cfg.targets) if cfg.targets else ALL_LINEAR
     apply_hf_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                   init=parse_init(cfg.init)[0] or "kaiming", use_rslora=cfg.use_rslora,
                   seed=cfg.seed, use_dora=uses_dora(cfg.method),
                   exclude_modules=target_spec(cfg.exclude), layers_to_transform=parse_layers(
                       cfg.layers), rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern)
+    if cfg.modules_to_save:
+        apply_modules_to_save(model, cfg.modules_to_save)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model.train()

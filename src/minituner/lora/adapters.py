@@ -60,6 +60,12 @@ from minituner.lora.layer import (
     source_fan_in_fan_out,
 )
 from minituner.lora.merge import check_finite
+from minituner.lora.saved_modules import (
+    load_saved_modules,
+    resolve_modules_to_save,
+    saved_module_paths,
+    saved_module_tensors,
+)
 from minituner.lora.targets import check_patterns, is_linear_like, pattern_value, suffix_matches
 from minituner.util.files import (
     atomic_save_safetensors,
@@ -79,7 +85,7 @@ _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?:lora_(?P<part>[AB])\.we
 _PEFT_INIT = {"kaiming": True, "gaussian_std": "gaussian", "gaussian": "gaussian"}
 _INIT_STD = {"gaussian": "1/sqrt(r)", "gaussian_std": "1/r", "kaiming": "uniform +-1/sqrt(in)"}
 # PEFT options that change the math or add tensors minituner does not implement.
-_UNSUPPORTED = ("modules_to_save", "lora_bias", "layer_replication",
+_UNSUPPORTED = ("lora_bias", "layer_replication",
                 "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
                 "use_qalora", "use_bdlora")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -254,7 +260,12 @@ def save_adapter(
     if converted and (initial is None or fingerprint is None or tensor_stats is None):
         raise ValueError(f"init {init!r} changed the base: saving needs initial= (the adapter "
                          "at initialisation), fingerprint= and tensor_stats= of the original base")
+    saved_paths = saved_module_paths(model)
+    if saved_paths and (fingerprint is None or tensor_stats is None):
+        raise ValueError("modules_to_save changed base modules: saving needs fingerprint= and "
+                         "tensor_stats= of the base before training")
     tensors = _adapter_tensors(layers, initial if converted else None, use_dora)
+    tensors.update(saved_module_tensors(model, KEY_PREFIX))
     wrapped = [name for name, _ in layers]
     section = {
         "format_version": FORMAT_VERSION,
@@ -298,7 +309,7 @@ def save_adapter(
         "bias": "none", "use_rslora": settings["use_rslora"],
         "fan_in_fan_out": any(source_fan_in_fan_out(layer.base) for _, layer in layers),
         "use_dora": use_dora, "init_lora_weights": _PEFT_INIT.get(init, True),
-        "modules_to_save": None,
+        "modules_to_save": saved_paths or None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "rank_pattern": settings["rank_pattern"], "alpha_pattern": settings["alpha_pattern"],
         "revision": None, "layers_to_transform": None, "layers_pattern": None,
@@ -390,6 +401,7 @@ def _parse_config(config: dict, path: Path) -> dict:
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: {exc}") from None
     settings["target_modules"] = config.get("target_modules")
+    settings["modules_to_save"] = _modules_to_save_names(config.get("modules_to_save"), path)
     settings["fingerprint"], settings["tensor_stats"] = None, None
     if isinstance(section, dict):
         version = section.get("format_version")
@@ -403,6 +415,52 @@ def _parse_config(config: dict, path: Path) -> dict:
         settings["fingerprint"] = record.get("value")
         settings["tensor_stats"] = _stats_of(record.get("tensor_stats"), path)
     return settings
+
+
+def _modules_to_save_names(value, path: Path) -> list:
+    """The adapter's modules_to_save names (none: an empty list)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{path}: modules_to_save must be a list of module names, got {value!r}")
+    return value
+
+
+def _split_saved(tensors: dict, names: list) -> tuple:
+    """(LoRA tensors, {module path: {key: tensor}} of the modules trained in full): a key
+    whose module path ends with a modules_to_save name belongs to that module."""
+    lora, saved = {}, {}
+    for key, tensor in tensors.items():
+        rest = key.removeprefix(KEY_PREFIX)
+        parts = rest.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                      if any(suffix_matches(".".join(parts[:i]), n) for n in names)), None)
+        if owner is None or not key.startswith(KEY_PREFIX):
+            lora[key] = tensor
+        else:
+            saved.setdefault(owner, {})[rest[len(owner) + 1:]] = tensor
+    return lora, saved
+
+
+def _check_saved(model: nn.Module, saved: dict, names: list, path: Path) -> list:
+    """The module paths of the file's modules_to_save, after checking every tensor fits."""
+    try:
+        paths = resolve_modules_to_save(model, names) if names else []
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if sorted(saved) != sorted(paths):
+        raise ValueError(f"{path}: modules_to_save {names} select {paths} but the file holds "
+                         f"tensors for {sorted(saved)}")
+    for module in paths:
+        expected = model.get_submodule(module).state_dict()
+        if set(expected) != set(saved[module]):
+            raise ValueError(f"{path}: {module} holds {sorted(saved[module])}, the model's module "
+                             f"has {sorted(expected)}")
+        for key, tensor in saved[module].items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(f"{path}: {module}.{key} has shape {tuple(tensor.shape)}, the "
+                                 f"model's is {tuple(expected[key].shape)}")
+    return paths
 
 
 def _stats_of(value, path: Path) -> dict | None:
@@ -581,19 +639,27 @@ def _check_fingerprint(model: nn.Module, settings: dict, path: Path, strict: boo
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, directory, strict: bool = True,
+                 allow_modules_to_save: bool = True) -> nn.Module:
     """Load an adapter directory into ``model`` (wrapping a plain model first); returns it.
 
     Every key, shape, value (NaN/inf is refused naming the tensor) and the base fingerprint are
     checked before the model is touched.
     ``strict=False`` turns only a fingerprint mismatch into a warning. Loading into an already
-    wrapped model also takes the file's alpha and use_rslora.
+    wrapped model also takes the file's alpha and use_rslora. Modules the adapter trained in full
+    (``modules_to_save``) become trainable copies in the model (a plain model only);
+    ``allow_modules_to_save=False`` refuses such an adapter.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     settings = _parse_config(read_json(config_path, "adapter config"), config_path)
     tensors = load_safetensors(weights_path)
     check_finite(sorted(tensors.items()), str(weights_path))
+    tensors, saved = _split_saved(tensors, settings["modules_to_save"])
+    if saved and not allow_modules_to_save:
+        raise ValueError(f"{config_path}: the adapter trains modules in full (modules_to_save "
+                         f"{sorted(saved)}): several named adapters on one base do not support "
+                         "modules_to_save")
     pairs = _parse_tensors(tensors, weights_path, settings["use_dora"])
     if not pairs:
         raise ValueError(f"{weights_path}: holds no LoRA tensors")
@@ -603,12 +669,18 @@ def load_adapter(model: nn.Module, directory, strict: bool = True) -> nn.Module:
         layers = _check_wrapped(model, pairs, settings, weights_path)
     else:
         layers = _plan_plain(model, pairs, settings, weights_path)
+    if wrapped and (saved or saved_module_paths(model)):
+        raise ValueError(f"{config_path}: modules_to_save adapters load into a plain model only")
+    saved_paths = _check_saved(model, saved, settings["modules_to_save"], weights_path)
     _check_fingerprint(model, settings, config_path, strict)
     if not wrapped:
         config = LoRAConfig(**{key: settings[key] for key in
                                ("r", "alpha", "dropout", "init", "use_rslora", "use_dora",
                                 "target_modules", "rank_pattern", "alpha_pattern")})
-        return install_lora_layers(model, layers, config)
+        install_lora_layers(model, layers, config)
+        if saved_paths:
+            load_saved_modules(model, saved_paths, saved)
+        return model
     with torch.no_grad():
         for module, layer in layers.items():
             _copy_tensors(layer, pairs[module])

@@ -292,7 +292,7 @@ def load_named_adapter(model: nn.Module, directory, name: str,
     order = _next_order(model)
     with _bare_base(model):
         try:
-            load_adapter(model, Path(directory), strict=strict)
+            load_adapter(model, Path(directory), strict=strict, allow_modules_to_save=False)
         except ValueError as exc:
             raise ValueError(f"adapter {name!r}: {exc}") from None
         adapters = {path: LoRAAdapter.from_layer(layer, name, order)
