@@ -168,9 +168,6 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
         parser.add_argument("--modules-to-save", nargs="+", default=None, metavar="NAME",
                             help=f"{hf_only}modules trained in full beside the adapters and "
                                  "saved with them (e.g. embed_tokens lm_head)")
-        parser.add_argument("--add-tokens", nargs="+", default=None, metavar="TOKEN",
-                            help=f"{hf_only}special tokens added to the tokenizer; the "
-                                 "embeddings grow and need --modules-to-save")
         parser.add_argument("--device", default=None,
                             help=f"{hf_only}auto (default: CUDA when available), cpu, cuda or "
                                  "cuda:N")
