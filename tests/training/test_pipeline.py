@@ -84,7 +84,8 @@ def test_run_folder_config_and_resume(tmp_path):
     started = []
     whole = pipeline.run_finetune(TinyBackend(), settings(), tmp_path / "whole",
                                   on_start=started.append)
-    assert started == [{"steps": 6, "resumed_from": None, "what": "tiny"}]
+    assert started == [{"steps": 6, "resumed_from": None, "what": "tiny", "trainable_params": 272,
+                        "examples": 20, "tokens": 120, "epochs": 1.2, "effective_batch": 4}]
     assert whole["steps"] == 6 and whole["wall_s"] > 0
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert config["format"] == 1 and config["kind"] == "finetune-test"
