@@ -191,7 +191,7 @@ def variants_section(variants_dir: Path, rel) -> list:
              "control ppl change |", "|---|---|---|---|---|---|",
              f"| base | 0 | {_acc(base['irregular_accuracy'])} | "
              f"{_acc(base['regular_accuracy'])} | {_num(base['control_ppl'])} | |"]
-    for entry in table["variants"].values():
+    for entry in (table["variants"][name] for name in table["order"]):
         lines.append(f"| {entry['label']} | {entry['trainable_params']:,} | "
                      f"{_mean_std(entry['irregular_accuracy'], _acc)} | "
                      f"{_mean_std(entry['regular_accuracy'], _acc)} | "
@@ -203,9 +203,10 @@ def variants_section(variants_dir: Path, rel) -> list:
               f"({cfg['steps'] or DEFAULT_STEPS}), lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
               f"replay {cfg['replay']:g}, KL {cfg['kl']:g}, alpha {cfg['alpha']:g} for every "
               f"variant. {table['spread_rule'][0].upper()}{table['spread_rule'][1:]}."]
+    vs_lora = table.get("vs_lora") or {}
     beyond = [f"{name} {metric.replace('_', ' ')} ({_num(c['delta'], '+.4f')})"
-              for name, metrics in (table.get("vs_lora") or {}).items()
-              for metric, c in metrics.items() if c["beyond_seed_spread"]]
+              for name in table["order"] for metric, c in vs_lora.get(name, {}).items()
+              if c["beyond_seed_spread"]]
     lines += ["", "Beyond the seed spread: " + (", ".join(beyond) if beyond else "none") + ".",
               "", f"![adapter variants]({rel(variants_dir / 'variants.png')})", ""]
     return lines

@@ -132,6 +132,7 @@ def summarise(rows: dict, cfg: FinetuneConfig) -> dict:
     first = next(iter(next(iter(rows.values())).values()))[1] if rows else {}
     summary = {
         "variants": variants,
+        "order": list(variants),  # the table's row order (JSON files sort their keys)
         "base": {"irregular_accuracy": first.get("irregular_accuracy_base"),
                  "regular_accuracy": first.get("regular_accuracy_base"),
                  "control_ppl": first.get("control_ppl_base")},

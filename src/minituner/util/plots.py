@@ -95,7 +95,7 @@ def plot_variants(summary: dict, path: str | Path) -> Path:
     """Mean and standard deviation over seeds of each adapter variant: irregular and regular
     accuracy, and the control perplexity change (error bars: one sample std)."""
     plt = _pyplot()
-    names = list(summary["variants"])
+    names = list(summary.get("order") or summary["variants"])
     entries = [summary["variants"][n] for n in names]
     xs = list(range(len(names)))
     panels = (("irregular_accuracy", "irregular accuracy", 1.0),
