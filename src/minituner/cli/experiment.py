@@ -164,15 +164,17 @@ def run_variants_only(args, cfg, on_run) -> int:
     summary = run_variants(args.base, args.out, cfg, seeds=seeds, progress=Progress("variants"),
                            on_run=on_run)
     write_report([Path(args.out)], Path(args.out) / "REPORT.md")
-    for name, entry in summary["variants"].items():
-        shown = {key: f"{scale * s['mean']:{spec}}" + ("" if s["std"] is None else
-                                                        f" +- {scale * s['std']:.3f}")
-                 for key, scale, spec in (("irregular_accuracy", 1, ".3f"),
-                                          ("regular_accuracy", 1, ".3f"),
-                                          ("control_ppl_change", 100, "+.2f"))
-                 for s in [entry[key]]}
-        print(f"{name:9s} irregular {shown['irregular_accuracy']}, regular "
-              f"{shown['regular_accuracy']}, control ppl change % "
-              f"{shown['control_ppl_change']}, trainable {entry['trainable_params']:,}")
+    for name in summary["order"]:
+        entry = summary["variants"][name]
+        print(f"{name:9s} irregular {_shown(entry['irregular_accuracy'])}, regular "
+              f"{_shown(entry['regular_accuracy'])}, control ppl change % "
+              f"{_shown(entry['control_ppl_change'], 100, '+.2f')}, trainable "
+              f"{entry['trainable_params']:,}")
     print(f"variants done in {summary['wall_s']:.1f} s: report {args.out}/REPORT.md")
     return 0
+
+
+def _shown(stats: dict, scale: float = 1.0, spec: str = ".3f") -> str:
+    """'mean +- std' of a variant's metric (the mean alone for one seed)."""
+    text = format(scale * stats["mean"], spec)
+    return text if stats["std"] is None else f"{text} +- {scale * stats['std']:.3f}"
