@@ -49,7 +49,7 @@ def test_tiny_experiment_writes_everything(tiny_base_run, tmp_path, capsys):
     results = root / "docs" / "results" / "phase-28.json"
     assert main(["experiment", "--base", str(tiny_base_run), "--out", str(out), "--steps", "2",
                  "--batch-size", "8", "--eval-every", "1", "--lr-grid", "1e-3",
-                 "--qlora-epochs", "0.02", "--repeat-seeds", "1",
+                 "--qlora-epochs", "0.02", "--repeat-seeds", "1", "--variant-seeds", "0,1",
                  "--results-json", str(results)]) == 0
     for name in ("lora-r8", "full-ft", "qlora-r8", "ablation/none", "ablation/replay",
                  "ablation/kl", "sweep/r32"):
@@ -66,10 +66,21 @@ def test_tiny_experiment_writes_everything(tiny_base_run, tmp_path, capsys):
     assert data["lora_r8_seeds"]["seeds"] == [0, 1]
     assert data["lora_r8_seeds"]["control_ppl_change"][0] == lora["control_ppl_change"]
     assert "minituner experiment" in data["command"] and data["seed"] == 0
+    assert "--variant-seeds 0,1" in data["command"]
+    variants = data["variants"]  # the plain-LoRA rows are the lora-r8 and seeds/ runs
+    assert variants["order"] == ["lora", "dora", "pissa", "loraplus", "qlora", "loftq"]
+    assert set(variants["variants"]) == set(variants["order"])
+    assert variants["variants"]["lora"]["irregular_accuracy"]["values"] == [
+        lora["irregular_accuracy_tuned"], data["lora_r8_seeds"]["irregular_accuracy_tuned"][1]]
+    assert variants["variants"]["dora"]["trainable_params"] > lora["trainable_params"]
+    assert "runs" not in variants["variants"]["lora"] and "vs_lora" in variants
+    assert not (out / "variants" / "lora").exists()
+    assert (out / "variants" / "loftq" / "seed1" / "results.json").is_file()
     report = (out / "REPORT.md").read_text()
     for heading in ("Learning-rate search", "Anti-forgetting ablation", "Rank sweep", "QLoRA",
-                    "other seeds"):
+                    "other seeds", "Adapter variants at r = 8"):
         assert heading in report
+    assert (results.parent / "phase-28-variants.png").read_bytes()[:4] == b"\x89PNG"
     assert (results.parent / "phase-28-sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(results.read_text()) == data
     assert Path(out / "sweep" / "sweep.png").is_file()

@@ -6,7 +6,9 @@ Folder layout under ``out``: base/ (unless --base is given), lrsearch/{lora,full
 lora-r8/ and full-ft/ (copies of the chosen learning rate's runs), ablation/{none,replay,kl}/
 ("both" is lora-r8), seeds/seed<s>/ (lora-r8 repeated with other seeds), sweep/r<rank>/ +
 sweep.json + sweep.png, qlora-r8/ (one epoch at batch 8 by default: 192 optimizer steps instead
-of 48 at batch 32), experiment.json and REPORT.md. Every number in the report and the results
+of 48 at batch 32), variants/<variant>/seed<s>/ + variants.json + variants.png (the
+adapter-variant table of :mod:`minituner.course.variants`; its plain-LoRA rows are lora-r8/ and
+seeds/), experiment.json and REPORT.md. Every number in the report and the results
 file is read back from these files.
 """
 
@@ -21,6 +23,7 @@ from minituner.course.finetune import run_with_progress
 from minituner.course.pretraining import run_pretraining
 from minituner.course.report import write_report
 from minituner.course.sweep import DEFAULT_RANKS, run_sweep
+from minituner.course.variants import DEFAULT_SEEDS, run_variants
 from minituner.training.config import PretrainConfig
 from minituner.training.loop import NonFiniteLossError
 from minituner.util.files import atomic_write_bytes, atomic_write_json, read_json
@@ -71,9 +74,10 @@ def lr_search(base, out: Path, cfg, method: str, grid, progress=None, on_run=Non
 
 def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
                    qlora_epochs: float = 1.0, qlora_batch_size: int = 8, pretrain_cfg=None,
-                   command: str = "", repeat_seeds=(1, 2),
+                   command: str = "", repeat_seeds=(1, 2), variant_seeds=DEFAULT_SEEDS,
                    progress=None, on_run=None, results_path=None) -> dict:
-    """Run everything into ``out_dir``; returns experiment.json's content."""
+    """Run everything into ``out_dir``; returns experiment.json's content (``variant_seeds``
+    empty: no adapter-variant table)."""
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +116,11 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
     results = run_with_progress(base, out / "qlora-r8", qlora_cfg, progress, overwrite=True)
     if on_run is not None:
         on_run("qlora-r8", results)
+    variants = None
+    if variant_seeds:
+        reuse = {("lora", int(seed)): out / folder for seed, folder in seeds.items()}
+        variants = run_variants(base, out / "variants", chosen, seeds=tuple(variant_seeds),
+                                reuse=reuse, progress=progress, on_run=on_run)
     experiment = {
         "command": command, "seed": cfg.seed, "base": str(Path(base).resolve()),
         "config": chosen.to_dict(), "lr_grid": list(lr_grid), "lr_search": search,
@@ -119,6 +128,9 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
                  "sweep": "sweep", "ablation": ablation, "seeds": seeds},
         "sweep_wall_s": sweep["wall_s"], "qlora_batch_size": qlora_batch_size,
     }
+    if variants is not None:
+        experiment["runs"]["variants"] = "variants"
+        experiment["variants_wall_s"] = variants["wall_s"]
     experiment["wall_s"] = time.perf_counter() - started
     atomic_write_json(out / "experiment.json", experiment)
     write_report([out], out / "REPORT.md")
@@ -193,7 +205,18 @@ def phase28(out_dir) -> dict:
         "notes": {"accuracy": lora.get("accuracy_note"),
                   "control_ppl_change": "after / before - 1 on the regular-verb control set",
                   "sweep": "ranks 2..32 are trained; sweep.base is rank 0 (the untouched base)"},
-    }
+    } | _variants_section(out, runs.get("variants"))
+
+
+def _variants_section(out: Path, folder: str | None) -> dict:
+    """{"variants": the adapter-variant table} when the experiment ran it, else {}."""
+    if folder is None:
+        return {}
+    table = read_json(out / folder / "variants.json", "variants file")
+    variants = {name: {k: v for k, v in entry.items() if k != "runs"}
+                for name, entry in table["variants"].items()}
+    return {"variants": {k: v for k, v in table.items() if k != "variants"}
+            | {"variants": variants}}
 
 
 def _seed_spread(out: Path, seeds: dict) -> dict:
@@ -212,7 +235,9 @@ def write_phase28(out_dir, path) -> Path:
     """Write :func:`phase28` to ``path`` and the sweep plot beside it (sweep PNG for the README)."""
     path = Path(path)
     atomic_write_json(path, phase28(out_dir))
-    sweep_png = Path(out_dir) / "sweep" / "sweep.png"
-    if sweep_png.is_file():
-        atomic_write_bytes(path.parent / "phase-28-sweep.png", sweep_png.read_bytes())
+    for source, name in (("sweep/sweep.png", "phase-28-sweep.png"),
+                         ("variants/variants.png", "phase-28-variants.png")):
+        png = Path(out_dir) / source
+        if png.is_file():
+            atomic_write_bytes(path.parent / name, png.read_bytes())
     return path

@@ -1,10 +1,10 @@
 """REPORT.md from run folders: tables and PNG plots, every number read from the run files.
 
 Accepted folders: a Mini-GPT fine-tuning run (config.json + results.json), a sweep
-(sweep.json), an experiment (experiment.json, which brings its runs, ablation, sweep and QLoRA
-run), or a base run (its pretraining results). Transformers fine-tuning runs are given
-separately (``transformers_runs``; the CLI tells them apart by their config.json) and get a
-table of their own.
+(sweep.json), an adapter-variant table (variants.json), an experiment (experiment.json, which
+brings its runs, ablation, sweep, QLoRA run and variant table), or a base run (its pretraining
+results). Transformers fine-tuning runs are given separately (``transformers_runs``; the CLI
+tells them apart by their config.json) and get a table of their own.
 """
 
 from __future__ import annotations
@@ -60,13 +60,16 @@ def command_of(run_dir: Path) -> str:
 
 
 def classify(folders) -> dict:
-    """{"experiments": [...], "sweeps": [...], "runs": [...], "bases": [...]} of folders."""
-    found = {"experiments": [], "sweeps": [], "runs": [], "bases": []}
+    """{"experiments": [...], "sweeps": [...], "variants": [...], "runs": [...], "bases": [...]}
+    of folders."""
+    found = {"experiments": [], "sweeps": [], "variants": [], "runs": [], "bases": []}
     for folder in map(Path, folders):
         if (folder / "experiment.json").is_file():
             found["experiments"].append(folder)
         elif (folder / "sweep.json").is_file():
             found["sweeps"].append(folder)
+        elif (folder / "variants.json").is_file():
+            found["variants"].append(folder)
         elif (folder / "results.json").is_file() and (folder / "config.json").is_file():
             kind = _load(folder / "config.json").get("kind")
             if kind not in RUN_KINDS:
@@ -74,8 +77,8 @@ def classify(folders) -> dict:
                                  f"report reads Mini-GPT runs of kind {', '.join(RUN_KINDS)}")
             found[RUN_KINDS[kind]].append(folder)
         else:
-            raise ValueError(f"{folder}: not a run, sweep or experiment folder (no results.json, "
-                             "sweep.json or experiment.json)")
+            raise ValueError(f"{folder}: not a run, sweep, variants or experiment folder (no "
+                             "results.json, sweep.json, variants.json or experiment.json)")
     return found
 
 
@@ -172,6 +175,41 @@ def sweep_section(sweep_dir: Path, rel) -> list:
         "every rank; "
         f"sweep wall time {sweep['wall_s']:.1f} s.", "",
         f"![rank sweep]({rel(sweep_dir / 'sweep.png')})", ""]
+
+
+def _mean_std(stats: dict, show) -> str:
+    std = "" if stats["std"] is None else f" ± {show(stats['std']).lstrip('+')}"
+    return show(stats["mean"]) + std
+
+
+def variants_section(variants_dir: Path, rel) -> list:
+    """Markdown lines: the adapter-variant table (mean ± std over seeds) and its plot."""
+    table = _load(variants_dir / "variants.json")
+    base = table["base"]
+    lines = [f"## Adapter variants at r = 8 ({rel(variants_dir)})", "",
+             "| variant | trainable params | irregular acc | regular acc | control ppl | "
+             "control ppl change |", "|---|---|---|---|---|---|",
+             f"| base | 0 | {_acc(base['irregular_accuracy'])} | "
+             f"{_acc(base['regular_accuracy'])} | {_num(base['control_ppl'])} | |"]
+    for entry in (table["variants"][name] for name in table["order"]):
+        lines.append(f"| {entry['label']} | {entry['trainable_params']:,} | "
+                     f"{_mean_std(entry['irregular_accuracy'], _acc)} | "
+                     f"{_mean_std(entry['regular_accuracy'], _acc)} | "
+                     f"{_mean_std(entry['control_ppl'], _num)} | "
+                     f"{_mean_std(entry['control_ppl_change'], _pct)} |")
+    seeds = next(iter(table["variants"].values()))["seeds"] if table["variants"] else []
+    cfg = table["config"]
+    lines += ["", f"Mean ± {table['std_note']}, seeds {seeds}. Same data, steps "
+              f"({cfg['steps'] or DEFAULT_STEPS}), lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+              f"replay {cfg['replay']:g}, KL {cfg['kl']:g}, alpha {cfg['alpha']:g} for every "
+              f"variant. {table['spread_rule'][0].upper()}{table['spread_rule'][1:]}."]
+    vs_lora = table.get("vs_lora") or {}
+    beyond = [f"{name} {metric.replace('_', ' ')} ({_num(c['delta'], '+.4f')})"
+              for name in table["order"] for metric, c in vs_lora.get(name, {}).items()
+              if c["beyond_seed_spread"]]
+    lines += ["", "Beyond the seed spread: " + (", ".join(beyond) if beyond else "none") + ".",
+              "", f"![adapter variants]({rel(variants_dir / 'variants.png')})", ""]
+    return lines
 
 
 def qlora_section(run: Path, rel) -> list:
@@ -295,12 +333,15 @@ def write_report(folders, out_path, transformers_runs=()) -> Path:
     transformers_runs = [Path(r) for r in transformers_runs]
     found = classify(folders)
     runs, sweeps = list(found["runs"]), list(found["sweeps"])
+    variant_tables = list(found["variants"])
     for exp_dir in found["experiments"]:
         exp = _load(exp_dir / "experiment.json")
         names = [exp["runs"][k] for k in ("lora_r8", "full_ft", "qlora")]
         names += [v for k, v in exp["runs"]["ablation"].items() if k != "both"]
         runs += [exp_dir / n for n in names if (exp_dir / n) not in runs]
         sweeps.append(exp_dir / exp["runs"]["sweep"])
+        if exp["runs"].get("variants"):
+            variant_tables.append(exp_dir / exp["runs"]["variants"])
 
     def rel(path: Path) -> str:
         return os.path.relpath(path, out_path.parent)
@@ -333,6 +374,8 @@ def write_report(folders, out_path, transformers_runs=()) -> Path:
                                           "![loss curves](loss_curves.png)", ""]
     for sweep_dir in sweeps:
         lines += sweep_section(sweep_dir, rel)
+    for variants_dir in variant_tables:
+        lines += variants_section(variants_dir, rel)
     for run in runs:
         if "qlora" in _load(run / "results.json"):
             lines += qlora_section(run, rel)

@@ -89,3 +89,29 @@ def plot_sweep(sweep: dict, path: str | Path) -> Path:
     result = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return result
+
+
+def plot_variants(summary: dict, path: str | Path) -> Path:
+    """Mean and standard deviation over seeds of each adapter variant: irregular and regular
+    accuracy, and the control perplexity change (error bars: one sample std)."""
+    plt = _pyplot()
+    names = list(summary.get("order") or summary["variants"])
+    entries = [summary["variants"][n] for n in names]
+    xs = list(range(len(names)))
+    panels = (("irregular_accuracy", "irregular accuracy", 1.0),
+              ("regular_accuracy", "regular accuracy", 1.0),
+              ("control_ppl_change", "control perplexity change (%)", 100.0))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4), dpi=100)
+    for ax, (metric, label, scale) in zip(axes, panels, strict=True):
+        means = [scale * e[metric]["mean"] for e in entries]
+        errors = [scale * (e[metric]["std"] or 0.0) for e in entries]
+        ax.bar(xs, means, yerr=errors, capsize=4, color=[f"C{i}" for i in xs], alpha=0.8)
+        ax.set_xticks(xs, names, rotation=30)
+        ax.set_title(label)
+        ax.grid(alpha=0.3, axis="y")
+    seeds = entries[0]["seeds"] if entries else []
+    fig.suptitle(f"adapter variants at r = 8: mean over seeds {seeds}, error bars one std")
+    fig.tight_layout()
+    result = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return result
