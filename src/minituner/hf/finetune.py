@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from minituner.hf.models import dtype_name, resolve_device, resolve_dtype
+from minituner.hf.packing import packed_inputs
 from minituner.hf.run import (
     HFBase,
     HFPrepared,
@@ -41,6 +42,7 @@ from minituner.training import pipeline
 from minituner.training.config import FinetuneConfig, parse_init
 from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
+from minituner.training.packing import is_packed
 
 __all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "dropout_seed",
            "enable_grad_checkpointing", "make_hf_loss_fn", "make_hf_validator", "padding_mask",
@@ -82,18 +84,28 @@ def make_hf_loss_fn(forward_model: nn.Module, device: torch.device):
 
     ``forward_model`` is the model to call (the DDP wrapper when distributed), so that DDP
     sees the forward and synchronises the gradients. The LM head and the loss run chunked
-    (:func:`minituner.training.losses.masked_lm_nll`) when the head is a plain Linear.
+    (:func:`minituner.training.losses.masked_lm_nll`) when the head is a plain Linear. A packed
+    batch (``--packing``) gets its block-diagonal mask and per-example positions
+    (:func:`minituner.hf.packing.packed_inputs`).
     """
 
-    head = plain_output_head(getattr(forward_model, "module", forward_model))  # DDP: .module
+    inner = getattr(forward_model, "module", forward_model)  # DDP: .module
+    head = plain_output_head(inner)
+    dtype = inner.get_input_embeddings().weight.dtype
 
     def loss_fn(model, batch: dict) -> tuple:
         ids = batch["input_ids"].to(device)
-        attention = padding_mask(batch["target_mask"]).to(device)
+        if is_packed(batch):  # block-diagonal attention, per-example positions
+            inputs = packed_inputs(batch, dtype, device)
+        else:
+            inputs = {"attention_mask": padding_mask(batch["target_mask"]).to(device),
+                      "position_ids": None}
         targets, mask = batch["targets"].to(device), batch["target_mask"].to(device)
         if head is not None:
-            return masked_lm_nll(forward_model, head, ids, attention, targets, mask)
-        out = forward_model(input_ids=ids, attention_mask=attention, use_cache=False)
+            return masked_lm_nll(forward_model, head, ids, inputs["attention_mask"], targets,
+                                 mask, position_ids=inputs["position_ids"])
+        out = forward_model(input_ids=ids, use_cache=False,
+                            **{k: v for k, v in inputs.items() if v is not None})
         return masked_token_nll(out.logits, targets, mask)
 
     return loss_fn
