@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf.models import dtype_name, resolve_device, resolve_dtype
-from minituner.hf.packing import packed_inputs
+from minituner.hf.models import dtype_name, read_hf_config, resolve_device, resolve_dtype
+from minituner.hf.packing import check_packing_config, check_packing_model, packed_inputs
+from minituner.hf.plan import measured_peak, plan_from_data, resident_bytes
 from minituner.hf.run import (
     HFBase,
     HFPrepared,
@@ -42,7 +43,7 @@ from minituner.training import pipeline
 from minituner.training.config import FinetuneConfig, parse_init
 from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
-from minituner.training.packing import is_packed
+from minituner.training.packing import is_packed, pack_sequences
 
 __all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "dropout_seed",
            "enable_grad_checkpointing", "make_hf_loss_fn", "make_hf_validator", "padding_mask",
@@ -168,6 +169,8 @@ class HFBackend:
         self.base: HFBase | None = None
         self.gradients_checked = False
         self.original: dict = {}  # a base-changing init: the adapter at step 0, base stats
+        self.plan: dict = {}  # the preflight plan (predicted peak memory, padding)
+        self.rss_before_load: int | None = None
 
     def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
         """Device, compute dtype and process group; the global batch must split evenly."""
@@ -183,11 +186,22 @@ class HFBackend:
     def prepare(self, cfg: FinetuneConfig) -> pipeline.Prepared:
         """Read, split and encode the data; load the base."""
         self.data = prepared = prepare_hf_data(cfg)
+        train = prepared.train.sequences
+        if cfg.packing:
+            check_packing_config(read_hf_config(cfg.model), prepared.max_len)
+            train = pack_sequences(train, prepared.max_len)
+        self.plan = plan_from_data(cfg, prepared, self.runtime["dtype"],
+                                   self.runtime["dist"].world_size)
+        if self.runtime["device"].type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.runtime["device"])
+        self.rss_before_load = resident_bytes()
         self.model, self.base = load_hf_base(cfg, self.runtime["dtype"], self.runtime["device"])
+        if cfg.packing:
+            check_packing_model(self.model, prepared.max_len)
         identity = {"compute_dtype": dtype_name(self.runtime["dtype"]),
                     "base": self.base.to_dict(), "data_sha256": data_sha256(prepared)}
         validation = [] if prepared.validation is None else prepared.validation.sequences
-        return pipeline.Prepared(prepared.train.sequences, validation, prepared.pad_id, identity,
+        return pipeline.Prepared(train, validation, prepared.pad_id, identity,
                                  files={"train": prepared.train_records,
                                         "validation": prepared.validation_records})
 
@@ -254,6 +268,11 @@ class HFBackend:
             "truncated_lines": data.train.truncated, "dropped_lines": data.train.dropped,
             "max_len": data.max_len,
             "target_tokens_per_s": tokens / train_time if train_time else None,
+            "packing": cfg.packing, "train_rows": len(run.batches.sft),
+            "padding_fraction": self.plan["layouts"]["packed" if cfg.packing
+                                                     else "unpacked"]["padding_fraction"],
+            "memory": {"predicted": self.plan["memory"],
+                       "measured": measured_peak(self.rss_before_load, self.runtime["device"])},
         }
 
     def save(self, cfg: FinetuneConfig, model: nn.Module, out: Path) -> None:

@@ -47,7 +47,7 @@ DEFAULT_STEPS = KIND_DEFAULTS["minigpt"]["steps"]
 KIND_REFUSES = {
     "minigpt": {name: "it applies to transformers (hf:) models only" for name in (
         "val_fraction", "use_rslora", "max_len", "strict_len", "chat_template",
-        "grad_checkpointing", "dtype", "allow_pickle")},
+        "grad_checkpointing", "dtype", "allow_pickle", "packing")},
     "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
                      "run has",
            "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
@@ -187,6 +187,7 @@ class FinetuneConfig:
     verify_base: bool = True  # False: a --resume may go on over a base whose fingerprint changed
     init: str | None = None  # None: the kind's A init (Mini-GPT gaussian, hf kaiming)
     loraplus_lr_ratio: float | None = None  # LoRA+: B's lr / A's lr (None: plain LoRA, as 1)
+    packing: bool = False  # hf: several examples per row, kept apart (minituner.hf.packing)
 
     @property
     def kind(self) -> str:
