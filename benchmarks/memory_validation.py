@@ -14,6 +14,16 @@ freeing large blocks, so freed activations of up to 32 MB stay in the heap and c
 resident; the fixed threshold returns them to the system, so peak RSS follows live tensors.
 
     .venv/bin/python benchmarks/memory_validation.py
+    .venv/bin/python benchmarks/memory_validation.py --plan   # finetune --plan's prediction
+
+With ``--plan`` the same measurement checks ``finetune --plan`` instead: a random-init
+GPT-2-small-shaped transformers model (``minituner.hf_toy``, gpt2-small) and a data file of
+examples exactly ``--seq`` tokens long; each child computes the plan of the exact run
+(:func:`minituner.hf.plan.plan_finetune`), warms up with one step of the same run on a tiny
+GPT-2 (transformers' model code and the run's own paths imported and touched, as the warm-up
+above does for the plain model), records its RSS, runs ``finetune`` (LoRA or QLoRA,
+``--steps`` steps, batch ``--batch``, fp32, CPU) in-process and compares the plan's predicted
+peak with the measured peak-RSS growth. Writes benchmarks/results/memory_validation_plan.json.
 """
 
 from __future__ import annotations
@@ -92,6 +102,107 @@ def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     }
 
 
+PLAN_RESULTS = HERE / "results" / "memory_validation_plan.json"
+PLAN_METHODS = ("lora", "qlora")
+
+
+def plan_child(method: str, model: str, data: str, batch: int, steps: int, threads: int,
+               out: str) -> dict:
+    """Plan one finetune run, then run it in this process and measure its peak-RSS growth."""
+    import matplotlib.pyplot  # noqa: F401  (the run plots its loss: import it before the baseline)
+    import torch
+
+    from minituner.hf.finetune import run_hf_finetune
+    from minituner.hf.plan import plan_finetune
+    from minituner.training.config import FinetuneConfig
+
+    torch.set_num_threads(threads)
+    cfg = FinetuneConfig.for_kind("hf", model=f"hf:{model}", train_data=data, method=method,
+                                  batch_size=batch, steps=steps, dtype="fp32", threads=threads,
+                                  eval_every=steps, checkpoint_every=steps)
+    plan = plan_finetune(cfg, "cpu")
+    warm_up()
+    warm_up_finetune(cfg, Path(out).parent / f"warm-{Path(out).name}")
+    gc.collect()
+    baseline = vm_rss_bytes()
+    started = time.perf_counter()
+    results = run_hf_finetune(cfg, out, device="cpu")
+    measured = vm_hwm_bytes() - baseline
+    predicted = plan["memory"]["total_bytes"]
+    return {
+        "method": method, "batch": batch, "seq": plan["memory"]["seq"], "steps": steps,
+        "threads": threads, "baseline_rss_bytes": baseline, "peak_rss_bytes": vm_hwm_bytes(),
+        "measured_growth_bytes": measured, "predicted_bytes": predicted,
+        "predicted_buckets": plan["memory"]["buckets"],
+        "run_results_memory": results["memory"],
+        "plan_equals_run_prediction": results["memory"]["predicted"] == plan["memory"],
+        "ratio_predicted_to_measured": predicted / measured,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def warm_up_finetune(cfg, root: Path) -> None:
+    """One step of the same finetune on a tiny GPT-2: transformers' model code, the tokenizer,
+    the loss and the run writer are imported and touched before the baseline."""
+    from minituner.hf.finetune import run_hf_finetune
+    from minituner.hf.toy import write_toy_model
+
+    model = write_toy_model(root / "tiny", arch="gpt2")
+    tiny = cfg.replace(model=f"hf:{model}", steps=1, batch_size=1, eval_every=1,
+                       checkpoint_every=1)
+    run_hf_finetune(tiny, root / "run", device="cpu")
+
+
+def write_plan_inputs(root: Path, seq: int, n: int) -> tuple:
+    """The GPT-2-small-shaped toy model and ``n`` text examples of exactly ``seq`` inputs."""
+    from minituner.hf.toy import WORDS, write_toy_model
+
+    model = write_toy_model(root / "gpt2-small", arch="gpt2", size="gpt2-small")
+    words = [w for w in WORDS if w.isalpha()]
+    data = root / "data.jsonl"
+    lines = [json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(seq))})
+             for i in range(n)]
+    data.write_text("\n".join(lines) + "\n")
+    return model, data
+
+
+def plan_main(args) -> int:
+    """Run the --plan check: both methods under both allocator settings."""
+    import tempfile
+
+    load_before = load_average()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, data = write_plan_inputs(Path(tmp), args.seq, 4 * args.batch)
+        for allocator, env in ALLOCATORS.items():
+            for method in PLAN_METHODS:
+                row = run_json_child([__file__, "--plan-child", method, "--model", model,
+                                      "--data", data, "--batch", args.batch, "--steps",
+                                      args.steps, "--threads", args.threads,
+                                      "--run-out", Path(tmp) / f"run-{allocator}-{method}"],
+                                     env=env)
+                row["allocator"] = allocator
+                row["within_tolerance"] = abs(row["ratio_predicted_to_measured"] - 1) <= TOLERANCE
+                rows.append(row)
+                print(f"done {allocator} {method}", file=sys.stderr, flush=True)
+    out = args.out if args.out != RESULTS else PLAN_RESULTS
+    write_results(out, {
+        "benchmark": "finetune --plan's predicted peak vs measured peak-RSS growth, GPT-2-small "
+                     "shape (transformers, random init), CPU fp32",
+        "tolerance": TOLERANCE, "rows": rows, "load_average_before": load_before,
+    })
+    print(f"finetune --plan, GPT-2-small shape (transformers), batch {args.batch} x {args.seq}, "
+          f"{args.steps} steps, {args.threads} threads, fp32")
+    print("| allocator | method | predicted (MB) | measured peak-RSS growth (MB) "
+          "| predicted / measured | within 15% |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['allocator']} | {row['method']} | {row['predicted_bytes'] / 1e6:,.0f} "
+              f"| {row['measured_growth_bytes'] / 1e6:,.0f} "
+              f"| {row['ratio_predicted_to_measured']:.3f} | {row['within_tolerance']} |")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
@@ -100,7 +211,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plan", action="store_true",
+                        help="check finetune --plan on a transformers GPT-2-small shape")
+    parser.add_argument("--plan-child", choices=PLAN_METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--run-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plan_child:
+        print(json.dumps(plan_child(args.plan_child, args.model, args.data, args.batch,
+                                    args.steps, args.threads, args.run_out)))
+        return 0
+    if args.plan:
+        return plan_main(args)
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.seq, args.steps, args.threads)))
         return 0

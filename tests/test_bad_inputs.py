@@ -20,6 +20,7 @@ from torch import nn
 from minituner.cli import main
 from minituner.course.data import load_user_examples
 from minituner.hf.data import read_examples
+from minituner.hf.toy import write_toy_model
 from minituner.lora import apply_lora
 from minituner.lora.adapters import load_adapter, save_adapter
 from minituner.training.config import FinetuneConfig
@@ -214,6 +215,15 @@ def safetensors_disk_full_hf_adapter(w, t, monkeypatch):
 
 # (id, build(world, tmp) -> (argv, [substrings the one stderr line must hold])). A build that
 # takes a third argument gets pytest's monkeypatch (fault injection).
+def packing_sliding_window(w, t):
+    model = write_toy_model(t / "mistral", arch="mistral")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "sliding_window": 4}))
+    return (["finetune", "--model", f"hf:{model}", "--data", str(w["data"]), "--out",
+             str(t / "o"), "--packing", "--max-len", "16"],
+            ["--packing", "'mistral'", "sliding attention window of 4"])
+
+
 CASES = [
     # 13: tracebacks that must be one line
     ("rank-1e9", lambda w, t: (finetune(w, t / "o", "--rank", "1000000000"),
@@ -348,6 +358,10 @@ CASES = [
     ("adapter-of-another-model", lambda w, t: (
         named_adapters(w, "generate", f"a={w['mg'] / 'adapter'}", f"h={w['hf'] / 'adapter'}"),
         ["adapter 'h'", "another architecture"])),
+    ("packing-sliding-window", packing_sliding_window),
+    ("packing-minigpt", lambda w, t: (finetune(w, t / "o", "--packing"),
+                                      ["--packing", "Mini-GPT"])),
+    ("plan-minigpt", lambda w, t: (finetune(w, t / "o", "--plan"), ["--plan", "hf:"])),
 ]
 
 

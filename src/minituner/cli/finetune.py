@@ -29,7 +29,11 @@ def register(subparsers) -> None:
     add_training_flags(parser, model_flags=True)
     parser.add_argument("--base", default=None,
                         help=f"Mini-GPT base run folder (default {DEFAULT_BASE}, the demo's)")
-    parser.add_argument("--out", required=True, help="run folder to write")
+    parser.add_argument("--out", default=None, help="run folder to write (required unless --plan)")
+    parser.add_argument("--plan", action="store_true",
+                        help="hf: models: print the preflight plan (steps, tokens, padding with "
+                             "and without --packing, predicted peak memory by bucket, a "
+                             "--threads warning) from these flags and the data; train nothing")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a different run")
@@ -53,6 +57,10 @@ def run(args) -> int:
     cfg = config_from_args(args)
     if cfg.model is None:
         cfg = cfg.replace(model=DEFAULT_BASE)
+    if args.plan:
+        return run_plan(args, cfg)
+    if args.out is None:
+        raise ValueError("--out: give the run folder to write (or --plan to train nothing)")
     if not cfg.verify_base and not args.resume:
         raise ValueError("--no-verify-base needs --resume (it lets a resume go on over a base "
                          "whose fingerprint changed)")
@@ -61,6 +69,20 @@ def run(args) -> int:
         if cfg.kind == "hf":
             return run_hf(args, cfg)
         return run_minigpt(args, cfg)
+
+
+def run_plan(args, cfg) -> int:
+    """Print the preflight plan of an hf: run; nothing is trained or written."""
+    if cfg.kind != "hf":
+        raise ValueError("--plan applies to transformers (hf:) models only")
+    if args.resume or args.overwrite:
+        raise ValueError("--plan trains nothing: leave out --resume and --overwrite")
+    from minituner.hf.plan import plan_finetune, plan_text
+
+    plan = plan_finetune(cfg, args.device or "auto")
+    for line in plan_text(plan):
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
+    return 0
 
 
 def resume_line(info: dict) -> str | None:

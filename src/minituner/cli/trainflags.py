@@ -152,6 +152,10 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                                  "truncating it")
         parser.add_argument("--chat-template", action="store_true", default=None,
                             help=f"{hf_only}render each prompt with the tokenizer's chat template")
+        parser.add_argument("--packing", action="store_true", default=None,
+                            help=f"{hf_only}pack several examples into each --max-len row, "
+                                 "each attending only to itself (per-example positions, "
+                                 "block-diagonal mask); --batch-size counts packed rows")
         parser.add_argument("--grad-checkpointing", action="store_true", default=None,
                             help=f"{hf_only}recompute activations in backward (less memory)")
         parser.add_argument("--dtype", default=None, choices=("auto", "fp32", "bf16"),

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf.models import dtype_name, resolve_device, resolve_dtype
+from minituner.hf.models import dtype_name, read_hf_config, resolve_device, resolve_dtype
+from minituner.hf.packing import check_packing_config, check_packing_model, packed_inputs
+from minituner.hf.plan import measured_peak, plan_from_data, resident_bytes
 from minituner.hf.run import (
     HFBase,
     HFPrepared,
@@ -41,6 +43,7 @@ from minituner.training import pipeline
 from minituner.training.config import FinetuneConfig, parse_init
 from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
+from minituner.training.packing import is_packed, pack_sequences
 
 __all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "dropout_seed",
            "enable_grad_checkpointing", "make_hf_loss_fn", "make_hf_validator", "padding_mask",
@@ -82,18 +85,28 @@ def make_hf_loss_fn(forward_model: nn.Module, device: torch.device):
 
     ``forward_model`` is the model to call (the DDP wrapper when distributed), so that DDP
     sees the forward and synchronises the gradients. The LM head and the loss run chunked
-    (:func:`minituner.training.losses.masked_lm_nll`) when the head is a plain Linear.
+    (:func:`minituner.training.losses.masked_lm_nll`) when the head is a plain Linear. A packed
+    batch (``--packing``) gets its block-diagonal mask and per-example positions
+    (:func:`minituner.hf.packing.packed_inputs`).
     """
 
-    head = plain_output_head(getattr(forward_model, "module", forward_model))  # DDP: .module
+    inner = getattr(forward_model, "module", forward_model)  # DDP: .module
+    head = plain_output_head(inner)
+    dtype = inner.get_input_embeddings().weight.dtype
 
     def loss_fn(model, batch: dict) -> tuple:
         ids = batch["input_ids"].to(device)
-        attention = padding_mask(batch["target_mask"]).to(device)
+        if is_packed(batch):  # block-diagonal attention, per-example positions
+            inputs = packed_inputs(batch, dtype, device)
+        else:
+            inputs = {"attention_mask": padding_mask(batch["target_mask"]).to(device),
+                      "position_ids": None}
         targets, mask = batch["targets"].to(device), batch["target_mask"].to(device)
         if head is not None:
-            return masked_lm_nll(forward_model, head, ids, attention, targets, mask)
-        out = forward_model(input_ids=ids, attention_mask=attention, use_cache=False)
+            return masked_lm_nll(forward_model, head, ids, inputs["attention_mask"], targets,
+                                 mask, position_ids=inputs["position_ids"])
+        out = forward_model(input_ids=ids, use_cache=False,
+                            **{k: v for k, v in inputs.items() if v is not None})
         return masked_token_nll(out.logits, targets, mask)
 
     return loss_fn
@@ -156,6 +169,8 @@ class HFBackend:
         self.base: HFBase | None = None
         self.gradients_checked = False
         self.original: dict = {}  # a base-changing init: the adapter at step 0, base stats
+        self.plan: dict = {}  # the preflight plan (predicted peak memory, padding)
+        self.rss_before_load: int | None = None
 
     def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
         """Device, compute dtype and process group; the global batch must split evenly."""
@@ -171,11 +186,22 @@ class HFBackend:
     def prepare(self, cfg: FinetuneConfig) -> pipeline.Prepared:
         """Read, split and encode the data; load the base."""
         self.data = prepared = prepare_hf_data(cfg)
+        train = prepared.train.sequences
+        if cfg.packing:
+            check_packing_config(read_hf_config(cfg.model), prepared.max_len)
+            train = pack_sequences(train, prepared.max_len)
+        self.plan = plan_from_data(cfg, prepared, self.runtime["dtype"],
+                                   self.runtime["dist"].world_size)
+        if self.runtime["device"].type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.runtime["device"])
+        self.rss_before_load = resident_bytes()
         self.model, self.base = load_hf_base(cfg, self.runtime["dtype"], self.runtime["device"])
+        if cfg.packing:
+            check_packing_model(self.model, prepared.max_len)
         identity = {"compute_dtype": dtype_name(self.runtime["dtype"]),
                     "base": self.base.to_dict(), "data_sha256": data_sha256(prepared)}
         validation = [] if prepared.validation is None else prepared.validation.sequences
-        return pipeline.Prepared(prepared.train.sequences, validation, prepared.pad_id, identity,
+        return pipeline.Prepared(train, validation, prepared.pad_id, identity,
                                  files={"train": prepared.train_records,
                                         "validation": prepared.validation_records})
 
@@ -244,6 +270,11 @@ class HFBackend:
             "truncated_lines": data.train.truncated, "dropped_lines": data.train.dropped,
             "max_len": data.max_len,
             "target_tokens_per_s": tokens / train_time if train_time else None,
+            "packing": bool(cfg.packing), "train_rows": len(run.batches.sft),
+            "padding_fraction": self.plan["layouts"]["packed" if cfg.packing
+                                                     else "unpacked"]["padding_fraction"],
+            "memory": {"predicted": self.plan["memory"],
+                       "measured": measured_peak(self.rss_before_load, self.runtime["device"])},
         }
 
     def save(self, cfg: FinetuneConfig, model: nn.Module, out: Path) -> None:

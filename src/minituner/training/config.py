@@ -49,7 +49,7 @@ KIND_REFUSES = {
     "minigpt": {name: "it applies to transformers (hf:) models only" for name in (
         "val_fraction", "use_rslora", "max_len", "strict_len", "chat_template",
         "grad_checkpointing", "dtype", "allow_pickle", "exclude", "layers", "rank_pattern",
-        "alpha_pattern", "modules_to_save")},
+        "alpha_pattern", "modules_to_save", "packing")},
     "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
                      "run has",
            "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
@@ -218,6 +218,7 @@ class FinetuneConfig:
     rank_pattern: dict | None = None  # module-name regex -> rank (PEFT's rule)
     alpha_pattern: dict | None = None  # module-name regex -> alpha
     modules_to_save: list | None = None  # modules trained in full beside the adapters
+    packing: bool | None = None  # hf: several examples per row, kept apart (None: off)
 
     @property
     def kind(self) -> str:

@@ -151,7 +151,8 @@ def plain_output_head(model: nn.Module) -> nn.Linear | None:
 
 def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, targets: torch.Tensor,
-                  mask: torch.Tensor, chunk_size: int | None = None) -> tuple:
+                  mask: torch.Tensor, chunk_size: int | None = None,
+                  position_ids: torch.Tensor | None = None) -> tuple:
     """(summed NLL over the masked targets, their count), the LM head run chunked.
 
     ``forward_model`` is the model (its body is called: on CPU, transformers' bf16 head on one
@@ -159,14 +160,16 @@ def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Te
     (called with ``logits_to_keep=1``, so DDP sees the forward); position t is scored against
     ``targets[:, t]`` where ``mask`` is set. Equal to ``masked_token_nll(logits, targets, mask)``
     up to float summation order, without the (tokens, vocab) logits in memory.
+    ``position_ids`` (packed rows) is passed to the model when given.
     """
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     body = getattr(forward_model, getattr(forward_model, "base_model_prefix", ""), None)
     if isinstance(body, nn.Module):  # not wrapped: the body alone, no LM head call at all
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
+        hidden = body(**inputs).last_hidden_state
     else:  # a DDP wrapper must see the forward; the head then scores one position only
-        hidden = forward_model(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False, output_hidden_states=True,
+        hidden = forward_model(**inputs, output_hidden_states=True,
                                logits_to_keep=1).hidden_states[-1]
     labels = torch.where(mask.bool(), targets, -100)
     total = chunked_lm_loss(hidden, head.weight, labels, head.bias,

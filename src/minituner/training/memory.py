@@ -74,6 +74,8 @@ class PlanSettings:
     quant: str = "nf4-dq"  # qlora's base format (block size 64)
     blocksize: int = 64
     attention: str = "sdpa"  # "sdpa" saves no score matrix; "eager" saves (b, h, s, s)
+    chunked_loss: bool = False  # head + loss run chunked (training.losses, transformers runs)
+    packed_mask: bool = False  # a (b, 1, s, s) block-diagonal mask in the compute dtype
 
     def resolved(self, spec: ModelSpec) -> PlanSettings:
         """Validated settings with the defaults filled in."""
@@ -192,16 +194,33 @@ def _activations(spec: ModelSpec, s: PlanSettings) -> dict:
              # the logits (held by the caller) and, in backward, the loss's fp32 gradients
              # with respect to the log-probabilities and to the logits
              "activations.logits_transient": tokens * spec.vocab_size * (a + 8)}
+    if s.chunked_loss:  # the loss's input gradient is kept; one chunk of logits at a time
+        parts["activations.saved_head_and_loss"] = tokens * (final + d * a) + 8
+        parts["activations.logits_transient"] = (chunk_rows(tokens, spec.vocab_size)
+                                                 * spec.vocab_size * (a + 4))
+    if s.packed_mask:
+        parts["activations.packed_mask"] = s.batch * s.seq * s.seq * a
     if s.method == "qlora":  # one shared dequantized matrix (largest block Linear)
         parts["activations.dequant_buffer"] = max(i * o for _, i, o, _ in spec.block_linears()) * a
     return parts
+
+
+CHUNK_ELEMENTS = 1 << 24  # minituner.training.losses.DEFAULT_CHUNK_ELEMENTS
+
+
+def chunk_rows(n_tokens: int, vocab_size: int) -> int:
+    """Tokens per chunk of the chunked loss (as minituner.training.losses.chunk_rows)."""
+    most = max(16, CHUNK_ELEMENTS // max(1, vocab_size))
+    n_chunks = -(-max(1, n_tokens) // most)
+    return -(-max(1, n_tokens) // n_chunks)
 
 
 def plan_memory(model="minigpt", method: str = "lora", **settings) -> MemoryPlan:
     """Predict the training memory of ``model`` (a name, ``hf:DIR`` or a ModelSpec) by bucket.
 
     Keyword settings are those of :class:`PlanSettings` (rank, batch, seq, grad_checkpointing,
-    base_dtype, adapter_dtype, compute_dtype, quant, blocksize, attention).
+    base_dtype, adapter_dtype, compute_dtype, quant, blocksize, attention, chunked_loss,
+    packed_mask).
     """
     spec = model_spec(model)
     unknown = sorted(set(settings) - set(PlanSettings.__dataclass_fields__))

@@ -35,6 +35,7 @@ from minituner.training.loop import (
     total_steps,
     warmup_steps_of,
 )
+from minituner.training.packing import unpack_rows
 from minituner.training.runs import (
     RESULTS_FILE,
     RUN_FORMAT,
@@ -248,12 +249,12 @@ def run_sizes(cfg: FinetuneConfig, model: nn.Module, prepared: Prepared, batches
               steps: int) -> dict:
     """What a run is about to do, for the console before step 1: trainable parameters,
     examples, their tokens, epochs, steps and the effective batch (rows per optimizer step)."""
-    examples = len(prepared.train)
+    examples = unpack_rows(prepared.train)  # a packed row holds several examples
     return {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "examples": examples,
+        "examples": len(examples),
         "tokens": sum(len(seq["ids"]) if isinstance(seq, dict) else len(seq)
-                      for seq in prepared.train),
+                      for seq in examples),
         "epochs": steps * cfg.grad_accum / max(1, batches.batches_per_epoch),
         "effective_batch": cfg.batch_size * cfg.grad_accum,
     }

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import torch
 
+from minituner.training.packing import collate_packed
+
 
 def collate(sequences: list, pad_id: int, kl_rows: list | None = None) -> dict:
     """Right-padded next-token batch: input_ids, targets, target_mask, kl_mask.
 
     A sequence is a token-id list (every next token is a target) or ``{"ids", "mask"}`` (only
     the flagged positions are). ``kl_mask`` marks the targets of the rows flagged in
-    ``kl_rows``: the replay rows a KL term keeps close to the base.
+    ``kl_rows``: the replay rows a KL term keeps close to the base. Packed rows
+    (``{"pack": [...]}``) go to :func:`minituner.training.packing.collate_packed`.
     """
+    if any(isinstance(s, dict) and "pack" in s for s in sequences):
+        return collate_packed(sequences, pad_id, kl_rows)
     rows = [s if isinstance(s, dict) else {"ids": s, "mask": [True] * (len(s) - 1)}
             for s in sequences]
     width = max(len(s["ids"]) for s in rows) - 1
