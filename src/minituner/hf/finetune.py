@@ -174,6 +174,8 @@ class HFBackend:
         self.model, self.base = load_hf_base(cfg, self.runtime["dtype"], self.runtime["device"])
         identity = {"compute_dtype": dtype_name(self.runtime["dtype"]),
                     "base": self.base.to_dict(), "data_sha256": data_sha256(prepared)}
+        if prepared.chat_template is not None:  # generate --chat renders with the same one
+            identity["chat_template"] = prepared.chat_template
         validation = [] if prepared.validation is None else prepared.validation.sequences
         return pipeline.Prepared(prepared.train.sequences, validation, prepared.pad_id, identity,
                                  files={"train": prepared.train_records,
