@@ -64,12 +64,14 @@ def toy_tokenizer(chat_style: str | None = None):
     (``chat_style`` "llama" or "qwen": that family's template shape and markup tokens)."""
     if chat_style is not None and chat_style not in CHAT_STYLES:
         raise ValueError(f"chat_style must be one of {list(CHAT_STYLES)}, got {chat_style!r}")
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate((*SPECIALS, *WORDS))}
     engine = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     engine.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if chat_style is not None:  # decode with spaces between words
+        engine.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=engine, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         unk_token="<unk>", additional_special_tokens=list(SPECIALS[4:]),
