@@ -224,6 +224,53 @@ def packing_sliding_window(w, t):
             ["--packing", "'mistral'", "sliding attention window of 4"])
 
 
+def chat_line(*turns) -> bytes:
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}).encode()
+
+
+GOOD_CHAT = chat_line(("user", "who is he ?"), ("assistant", "he is my friend ."))
+
+
+def chat_data(w, t, bad: bytes) -> tuple:
+    data = lines_file(t / "chat.jsonl", [GOOD_CHAT, bad])
+    return hf_finetune(w, t / "o", "--data", str(data)), data
+
+
+def chat_unknown_role(w, t):
+    args, data = chat_data(w, t, chat_line(("tool", "he"), ("assistant", "went")))
+    return args, [f"{data}:2", "messages[0].role", "'tool'"]
+
+
+def chat_no_assistant(w, t):
+    args, data = chat_data(w, t, chat_line(("system", "be good"), ("user", "who is he ?")))
+    return args, [f"{data}:2", "'messages'", "no assistant turn"]
+
+
+def chat_content_not_string(w, t):
+    line = json.dumps({"messages": [{"role": "user", "content": "he"},
+                                    {"role": "assistant", "content": ["went"]}]}).encode()
+    args, data = chat_data(w, t, line)
+    return args, [f"{data}:2", "messages[1].content", "list"]
+
+
+def chat_template_not_verbatim(w, t):
+    """A template that upper-cases the assistant's words: its mask cannot be found."""
+    toy = t / "toy"
+    shutil.copytree(w["toy"], toy)
+    (toy / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] | upper }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}")
+    data = lines_file(t / "chat.jsonl", [GOOD_CHAT])
+    return (["finetune", "--model", f"hf:{toy}", "--data", str(data), "--out", str(t / "o")],
+            ["chat template of", "verbatim", "'he is my friend .'"])
+
+
+def chat_template_without_end_of_turn(w, t):
+    """The toy's default template writes no end-of-turn marker after the assistant."""
+    data = lines_file(t / "chat.jsonl", [GOOD_CHAT])
+    return hf_finetune(w, t / "o", "--data", str(data)), ["chat template of", "end-of-turn"]
+
+
 CASES = [
     # 13: tracebacks that must be one line
     ("rank-1e9", lambda w, t: (finetune(w, t / "o", "--rank", "1000000000"),
@@ -347,6 +394,24 @@ CASES = [
                                                    ["--max-new-tokens"])),
     ("eval-not-a-run", lambda w, t: (["eval", "--model", str(w["data"].parent / "nowhere")],
                                      ["nowhere"])),
+    # chat data, chat generation and evaluation on the user's data
+    ("chat-unknown-role", chat_unknown_role),
+    ("chat-no-assistant-turn", chat_no_assistant),
+    ("chat-content-not-string", chat_content_not_string),
+    ("chat-template-not-verbatim", chat_template_not_verbatim),
+    ("chat-template-without-end-of-turn", chat_template_without_end_of_turn),
+    ("generate-system-without-chat", lambda w, t: (["generate", "--model", str(w["hf"]),
+                                                    "--system", "be good"],
+                                                   ["--system", "--chat"])),
+    ("generate-top-p-above-1", lambda w, t: (["generate", "--model", str(w["hf"]), "--top-p",
+                                              "1.5"], ["--top-p"])),
+    ("generate-chat-minigpt", lambda w, t: (["generate", "--model", str(w["base"]), "--chat"],
+                                            ["--chat", "transformers"])),
+    ("eval-exact-match-without-data", lambda w, t: (["eval", "--model", str(w["hf"]),
+                                                     "--exact-match"],
+                                                    ["--exact-match", "--data"])),
+    ("eval-data-minigpt", lambda w, t: (["eval", "--model", str(w["base"]), "--data",
+                                         str(w["data"])], ["--data", "transformers"])),
     # several named adapters on one base
     ("adapter-duplicate-name", lambda w, t: (
         named_adapters(w, "generate", f"a={w['mg'] / 'adapter'}", f"a={w['mg'] / 'adapter'}"),

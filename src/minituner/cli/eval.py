@@ -1,4 +1,5 @@
-"""``minituner eval``: probe accuracy per slice and control perplexity of a run (+ adapter)."""
+"""``minituner eval``: probe accuracy per slice and control perplexity of a run (+ adapter), or
+loss, perplexity, token accuracy and exact match on the user's own data (``--data``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from minituner.cli.runfolders import (
     MINIGPT,
     adapter_choice,
     add_hf_inference_flags,
+    chat_template_for,
+    is_hf_spec,
     load_for_inference,
+    read_run_folder,
 )
 
 MAX_LISTED = 5  # <unk> candidates named in the warning line
@@ -38,6 +42,14 @@ def register(subparsers) -> None:
                         help='control data for perplexity: JSONL of {"prompt", "completion"} '
                              '(the completion tokens are scored) or {"text"} / {"en", "es"} '
                              "(whole lines); default: the built-in regular-verb control set")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="transformers models: score this JSONL (prompt/completion, text or "
+                             "messages lines, as fine-tuning reads them): loss, perplexity and "
+                             "next-token accuracy on the completion/assistant tokens only; "
+                             "probes and control perplexity then only when asked for")
+    parser.add_argument("--exact-match", action="store_true", default=None,
+                        help="with --data: also the share of greedy generations equal to the "
+                             "completions (the last assistant turn of messages lines)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_hf_inference_flags(parser)  # --adapter, --device (transformers models)
     parser.set_defaults(func=run)
@@ -54,9 +66,52 @@ def probes_for(args, kind: str) -> list:
     return probes
 
 
+def data_rendering(args, hf_tokenizer, records: list):
+    """How --data records become tokens: the run's chat template for messages lines and its
+    --chat-template setting for prompts (an hf:DIR model: its tokenizer's template, plain
+    prompts)."""
+    from minituner.hf.chat import uses_template
+    from minituner.hf.scoring import DataRendering
+
+    chat_prompts = False
+    if not is_hf_spec(args.model):
+        chat_prompts = bool(read_run_folder(args.model).config.get("finetune", {})
+                            .get("chat_template"))
+    if not uses_template(records, chat_prompts):
+        return DataRendering()
+    return DataRendering(chat_template_for(args, hf_tokenizer)[0], chat_prompts)
+
+
+def prepare_data(args, tokenizer) -> tuple:
+    """(records, encoded sequences cut to the context, rendering) of --data."""
+    from minituner.hf.data import read_examples
+    from minituner.hf.scoring import encode_for_scoring, fit_context
+
+    records = [record for _, record in read_examples(args.data)]
+    rendering = data_rendering(args, tokenizer.hf, records)
+    encoded = [fit_context(encode_for_scoring(tokenizer.hf, r, rendering), tokenizer.context_len)
+               for r in records]
+    sequences = [s for s in encoded if s is not None]
+    if not sequences:
+        raise ValueError(f"{args.data}: no example keeps a target token within the context")
+    return records, sequences, rendering
+
+
+def evaluate_data(args, model, tokenizer, data: tuple) -> dict:
+    """Loss, perplexity and token accuracy on --data (and exact match when asked)."""
+    from minituner.hf.scoring import exact_match, token_metrics
+
+    records, sequences, rendering = data
+    result = {"file": str(args.data), "examples": len(records),
+              **token_metrics(model, sequences, tokenizer.pad_id)}
+    if args.exact_match:
+        result.update(exact_match(model.inner, tokenizer.hf, records, rendering))
+    return result
+
+
 def evaluate_args(args) -> dict:
-    """The evaluation dict for the parsed arguments (model, adapter, probes, control); with
-    named adapters, {"adapters": {name: evaluation}}, each adapter active in turn."""
+    """The evaluation dict for the parsed arguments (model, adapter, probes, control, data);
+    with named adapters, {"adapters": {name: evaluation}}, each adapter active in turn."""
     from minituner.course.evaluate import (
         BUILTIN_CONTROL,
         builtin_path,
@@ -65,22 +120,36 @@ def evaluate_args(args) -> dict:
     )
     from minituner.util.jsonl import read_jsonl
 
+    if args.exact_match and not args.data:
+        raise ValueError("--exact-match: needs --data FILE")
     model, tokenizer, kind = load_for_inference(args)
     probes = probes_for(args, kind)
-    control_file = args.control or builtin_path(BUILTIN_CONTROL)
-    records = read_jsonl(control_file)
-    if not records:
-        raise ValueError(f"{control_file}: no control records")
-    control = control_sequences(tokenizer, records, str(control_file))
+    data = prepare_data(args, tokenizer) if args.data else None
+    control = None
+    if data is None or args.control or probes:
+        control_file = args.control or builtin_path(BUILTIN_CONTROL)
+        records = read_jsonl(control_file)
+        if not records:
+            raise ValueError(f"{control_file}: no control records")
+        control = control_sequences(tokenizer, records, str(control_file))
+
+    def evaluate() -> dict:
+        result = {}
+        if control is not None:
+            result = evaluate_model(model, tokenizer, probes, control)
+        if data is not None:
+            result["data"] = evaluate_data(args, model, tokenizer, data)
+        return result
+
     adapters = adapter_choice(args)
     if not isinstance(adapters, dict):
-        return evaluate_model(model, tokenizer, probes, control)
+        return evaluate()
     from minituner.lora.multi import set_adapter
 
     results = {}
     for name in adapters:
         set_adapter(model, name)
-        results[name] = evaluate_model(model, tokenizer, probes, control)
+        results[name] = evaluate()
     return {"adapters": results}
 
 
@@ -94,7 +163,17 @@ def warn_unk(unk: list) -> None:
           f"{more}); their scores are unreliable", file=sys.stderr)
 
 
-RESULT_KEYS = ("slices", "unk_candidates", "control_ppl")
+RESULT_KEYS = ("slices", "unk_candidates", "control_ppl", "data")
+
+
+def print_data(data: dict) -> None:
+    """The --data lines: loss, perplexity, token accuracy (and exact match)."""
+    print(f"data {data['file']}: {data['examples']} examples, {data['tokens']} scored tokens")
+    print(f"loss {data['loss']:.4f}  perplexity {data['perplexity']:.4f}  "
+          f"token accuracy {data['token_accuracy']:.4f}")
+    if "exact_match" in data:
+        share = "n/a" if data["exact_match"] is None else f"{data['exact_match']:.4f}"
+        print(f"exact match {share} (n={data['n']})")
 
 
 def print_adapter_table(results: dict) -> None:
@@ -111,26 +190,39 @@ def print_adapter_table(results: dict) -> None:
         print("  ".join([name.ljust(width), *cells, f"{result['control_ppl']:.4f}".rjust(11)]))
 
 
+def print_result(result: dict) -> None:
+    """Accuracy per slice, control perplexity and the --data lines, those present."""
+    width = max((len(name) for name in result.get("slices", {})), default=0)
+    for name, entry in result.get("slices", {}).items():
+        print(f"{name.ljust(width)}  accuracy {entry['accuracy']:.3f}  (n={entry['n']})")
+    if "control_ppl" in result:
+        print(f"control perplexity {result['control_ppl']:.4f}")
+    if "data" in result:
+        print_data(result["data"])
+
+
 def run(args) -> int:
-    """Print accuracy per slice and control perplexity (a table row per named adapter);
-    <unk> candidates go to stderr."""
+    """Print accuracy per slice and control perplexity (a table row per named adapter) and
+    the --data metrics; <unk> candidates go to stderr."""
     result = evaluate_args(args)
     if "adapters" in result:
         results = result["adapters"]
-        warn_unk(next(iter(results.values()))["unk_candidates"])
+        warn_unk(next(iter(results.values())).get("unk_candidates", []))
         if args.json:
-            print(json.dumps({"adapters": {name: {k: r[k] for k in RESULT_KEYS}
+            print(json.dumps({"adapters": {name: {k: r[k] for k in RESULT_KEYS if k in r}
                                            for name, r in results.items()}},
                              indent=2, sort_keys=True))
+        elif args.data:
+            for name, one in results.items():
+                print(f"[{name}]")
+                print_result(one)
         else:
             print_adapter_table(results)
         return 0
-    warn_unk(result["unk_candidates"])
+    warn_unk(result.get("unk_candidates", []))
     if args.json:
-        print(json.dumps({k: result[k] for k in RESULT_KEYS}, indent=2, sort_keys=True))
+        print(json.dumps({k: result[k] for k in RESULT_KEYS if k in result}, indent=2,
+                         sort_keys=True))
         return 0
-    width = max((len(name) for name in result["slices"]), default=0)
-    for name, entry in result["slices"].items():
-        print(f"{name.ljust(width)}  accuracy {entry['accuracy']:.3f}  (n={entry['n']})")
-    print(f"control perplexity {result['control_ppl']:.4f}")
+    print_result(result)
     return 0

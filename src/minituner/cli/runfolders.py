@@ -26,7 +26,9 @@ MINIGPT, TRANSFORMERS = "Mini-GPT", "transformers"
 RUN_FORMAT = 1  # the newest run-folder format this minituner reads (absent = 1)
 RUN_KINDS = {"pretrain": MINIGPT, "finetune": MINIGPT, "merged": MINIGPT,
              "finetune-hf": TRANSFORMERS}
-TRANSFORMERS_ONLY_FLAGS = ("device", "allow_pickle")  # flags a Mini-GPT model has no use for
+# flags a Mini-GPT model has no use for (unset ones are None)
+TRANSFORMERS_ONLY_FLAGS = ("device", "allow_pickle", "chat", "system", "top_p",
+                           "repetition_penalty", "stop", "data", "exact_match")
 ADAPTER_NAME = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)=(?P<dir>.+)$")
 
 
@@ -163,6 +165,22 @@ def _load_for_inference(args) -> tuple:
     else:
         model, tokenizer = run_inference_views(args.model, adapter, device, **options)
     return model, tokenizer, kind
+
+
+def chat_template_for(args, hf_tokenizer):
+    """The chat template prompts are rendered with: the one a transformers run recorded in its
+    config.json (the template it trained with), else the model's tokenizer's own; a
+    :class:`minituner.hf.chat.ChatTemplate` plus the recorded end-of-turn token (or None)."""
+    from minituner.hf.chat import end_of_turn, template_from_record, tokenizer_template
+
+    if not is_hf_spec(args.model):
+        run = read_run_folder(args.model)
+        record = run.config.get("chat_template")
+        if record is not None:
+            template = template_from_record(record, str(run.path / "config.json"))
+            return template, record.get("end_of_turn")
+    template = tokenizer_template(hf_tokenizer, args.model)
+    return template, end_of_turn(hf_tokenizer, template)
 
 
 def _add(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:

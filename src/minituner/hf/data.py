@@ -1,6 +1,7 @@
 """A user's JSONL fine-tuning data, tokenized for a transformers model.
 
-Each line is a JSON object, either ``{"prompt": ..., "completion": ...}`` or ``{"text": ...}``.
+Each line is a JSON object: ``{"prompt": ..., "completion": ...}``, ``{"text": ...}`` or
+``{"messages": [{"role": ..., "content": ...}, ...]}``.
 
 - prompt/completion: ids = tokenizer(prompt) (with the tokenizer's own special tokens, e.g.
   Llama's BOS) + tokenizer(completion, no special tokens) + EOS. The loss covers the completion
@@ -10,6 +11,8 @@ Each line is a JSON object, either ``{"prompt": ..., "completion": ...}`` or ``{
   chat template (generation prompt added) before tokenizing, and the completion is the
   assistant's answer.
 - text: ids = tokenizer(text) + EOS; every token counts.
+- messages: the conversation rendered with the tokenizer's chat template; the loss covers the
+  assistant turns and their end-of-turn tokens only (:mod:`minituner.hf.chat`).
 
 Sequences are lists of ids with one mask flag per target (target i predicts ids[i + 1]), the
 layout :func:`minituner.training.sampling.collate` batches. A sequence longer than the model's
@@ -22,6 +25,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from minituner.hf.chat import check_messages, encode_messages
 from minituner.util.jsonl import read_numbered_jsonl
 
 
@@ -46,7 +50,11 @@ def read_examples(path: str | os.PathLike) -> list:
 
 def _check_record(record, where: str) -> None:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object with prompt/completion or text")
+        raise ValueError(f"{where}: expected a JSON object with prompt/completion, text or "
+                         "messages")
+    if "messages" in record:
+        check_messages(record, where)
+        return
     if "text" in record and "prompt" not in record:
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise ValueError(f"{where}: 'text' must be a non-empty string")
@@ -78,6 +86,8 @@ def render_prompt(tokenizer, prompt: str, chat_template: bool = False) -> tuple:
 def encode_record(tokenizer, record: dict, chat_template: bool = False) -> dict:
     """{"ids", "mask"} of one record (see the module docstring for the rule)."""
     eos = tokenizer.eos_token_id
+    if "messages" in record:
+        return encode_messages(tokenizer, record["messages"])
     if "prompt" in record:
         text, specials = render_prompt(tokenizer, record["prompt"], chat_template)
         prompt_ids = _ids(tokenizer, text, specials)

@@ -200,6 +200,8 @@ class HFBackend:
             check_packing_model(self.model, prepared.max_len)
         identity = {"compute_dtype": dtype_name(self.runtime["dtype"]),
                     "base": self.base.to_dict(), "data_sha256": data_sha256(prepared)}
+        if prepared.chat_template is not None:  # generate --chat renders with the same one
+            identity["chat_template"] = prepared.chat_template
         validation = [] if prepared.validation is None else prepared.validation.sequences
         return pipeline.Prepared(train, validation, prepared.pad_id, identity,
                                  files={"train": prepared.train_records,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minituner.hf.chat import template_record, tokenizer_template, uses_template
 from minituner.hf.data import EncodedData, encode_examples, read_examples, split_validation
 from minituner.hf.load import base_record, load_base
 from minituner.hf.models import (
@@ -38,6 +39,7 @@ class HFPrepared:
     pad_id: int
     max_len: int
     context: int | None
+    chat_template: dict | None = None  # the template rendered with (config.json records it)
 
 
 def prepare_hf_data(cfg) -> HFPrepared:
@@ -63,8 +65,12 @@ def prepare_hf_data(cfg) -> HFPrepared:
         validation = encode_examples(tokenizer, validation_examples, where=where, **encode)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
+    records = [r for _, r in examples] + [r for _, r in validation_examples]
+    template = None
+    if uses_template(records, cfg.chat_template):
+        template = template_record(tokenizer, tokenizer_template(tokenizer, cfg.model))
     return HFPrepared(train, validation, [r for _, r in examples],
-                      [r for _, r in validation_examples], pad_id, max_len, context)
+                      [r for _, r in validation_examples], pad_id, max_len, context, template)
 
 
 def data_sha256(prepared: HFPrepared) -> str:

@@ -32,6 +32,25 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<{{ message['role'] }}> {{ message['content'] }} "
     "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
 )
+# Chat templates in the shape of two real families, for chat-data tests and demos (the toy's
+# default template above has no end-of-turn marker). Each adds its markup tokens to the vocab.
+LLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}"
+    "<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nyou are a good friend .<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_STYLES = {
+    "llama": {"template": LLAMA_TEMPLATE,
+              "specials": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]},
+    "qwen": {"template": QWEN_TEMPLATE, "specials": ["<|im_start|>", "<|im_end|>"]},
+}
+ROLE_WORDS = ("system", "user", "assistant")  # plain added tokens of the chat styles
 SIZES = {
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "ffn": 256, "vocab": 512, "positions": 128},
     "gpt2-small": {"hidden": 768, "layers": 12, "heads": 12, "ffn": 3072, "vocab": 50257,
@@ -40,19 +59,30 @@ SIZES = {
 TOY_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
 
-def toy_tokenizer():
-    """A word-level PreTrainedTokenizerFast over :data:`WORDS`, specials and a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def toy_tokenizer(chat_style: str | None = None):
+    """A word-level PreTrainedTokenizerFast over :data:`WORDS`, specials and a chat template
+    (``chat_style`` "llama" or "qwen": that family's template shape and markup tokens)."""
+    if chat_style is not None and chat_style not in CHAT_STYLES:
+        raise ValueError(f"chat_style must be one of {list(CHAT_STYLES)}, got {chat_style!r}")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: index for index, token in enumerate((*SPECIALS, *WORDS))}
     engine = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     engine.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if chat_style is not None:  # decode with spaces between words
+        engine.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=engine, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         unk_token="<unk>", additional_special_tokens=list(SPECIALS[4:]),
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    if chat_style is not None:
+        style = CHAT_STYLES[chat_style]
+        tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIALS[4:],
+                                                                    *style["specials"]]})
+        tokenizer.add_tokens(list(ROLE_WORDS))
+        tokenizer.chat_template = style["template"]
     return tokenizer
 
 
@@ -85,11 +115,11 @@ def toy_config(arch: str = "gpt2", size: str = "tiny", dropout: float = 0.0):
 
 def write_toy_model(
     directory: str | os.PathLike, arch: str = "gpt2", size: str = "tiny", seed: int = 0,
-    dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+    dropout: float = 0.0, dtype: torch.dtype = torch.float32, chat_style: str | None = None,
 ) -> Path:
-    """Save a random-init model (seeded) and the toy tokenizer into ``directory`` atomically."""
+    """Save a random-init model (seeded) and the toy tokenizer into ``directory`` atomically
+    (``chat_style``: see :func:`toy_tokenizer`; its added tokens fit in the vocab)."""
     from transformers import AutoModelForCausalLM
-
 
     config = toy_config(arch, size, dropout)
     out = Path(directory)
@@ -100,5 +130,5 @@ def write_toy_model(
     with atomic_directory(out) as staging:
         with quiet_transformers():
             model.save_pretrained(str(staging))
-        toy_tokenizer().save_pretrained(str(staging))
+        toy_tokenizer(chat_style).save_pretrained(str(staging))
     return out
