@@ -172,6 +172,10 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
         parser.add_argument("--modules-to-save", nargs="+", default=None, metavar="NAME",
                             help=f"{hf_only}modules trained in full beside the adapters and "
                                  "saved with them (e.g. embed_tokens lm_head)")
+        parser.add_argument("--add-tokens", nargs="+", default=None, metavar="TOK",
+                            help=f"{hf_only}add these special tokens to the tokenizer (data may "
+                                 "use them); the embeddings and head grow, train in full and "
+                                 "are saved with the tokenizer")
         parser.add_argument("--device", default=None,
                             help=f"{hf_only}auto (default: CUDA when available), cpu, cuda or "
                                  "cuda:N")

@@ -34,6 +34,7 @@ from minituner.hf.run import (
     load_hf_base,
     prepare_hf_data,
 )
+from minituner.hf.tokens import resize_for_tokens, save_tokenizer
 from minituner.lora import lora_layers, lora_state_dict
 from minituner.lora.adapters import base_tensor_stats, save_adapter
 from minituner.lora.init import BASE_CHANGING_INITS
@@ -196,6 +197,8 @@ class HFBackend:
             torch.cuda.reset_peak_memory_stats(self.runtime["device"])
         self.rss_before_load = resident_bytes()
         self.model, self.base = load_hf_base(cfg, self.runtime["dtype"], self.runtime["device"])
+        if prepared.added_tokens is not None:  # the base as loaded, then grown (build_trainable)
+            self.base.record["added_tokens"] = prepared.added_tokens
         if cfg.packing:
             check_packing_model(self.model, prepared.max_len)
         identity = {"compute_dtype": dtype_name(self.runtime["dtype"]),
@@ -214,11 +217,14 @@ class HFBackend:
         """LoRA on the base (and gradient checkpointing when asked); a base-changing init
         (PiSSA) also keeps what saving its converted adapter needs."""
         changes_base = parse_init(cfg.init)[0] in BASE_CHANGING_INITS
-        stats = base_tensor_stats(self.model) if changes_base or cfg.modules_to_save else None
+        saves_modules = bool(cfg.modules_to_save or cfg.add_tokens)
+        stats = base_tensor_stats(self.model) if changes_base or saves_modules else None
+        if self.data.added_tokens is not None:  # the statistics describe the original base
+            resize_for_tokens(self.model, self.data.added_tokens)
         model = add_lora(self.model, cfg)
         if changes_base:
             self.original = {"initial": lora_state_dict(model), "tensor_stats": stats}
-        elif cfg.modules_to_save:  # the trained copies must not enter the base's statistics
+        elif saves_modules:  # the trained copies must not enter the base's statistics
             self.original = {"tensor_stats": stats}
         return model
 
@@ -280,9 +286,12 @@ class HFBackend:
         }
 
     def save(self, cfg: FinetuneConfig, model: nn.Module, out: Path) -> None:
-        """The adapter (PEFT layout) with the base's record and fingerprint."""
+        """The adapter (PEFT layout) with the base's record and fingerprint; with new tokens,
+        the extended tokenizer beside it."""
         save_adapter(model, out / "adapter", base_model_name_or_path=self.base.path,
                      extra=self.base.record, fingerprint=self.base.fingerprint, **self.original)
+        if self.data.added_tokens is not None:
+            save_tokenizer(self.data.tokenizer, out / "adapter")
 
     def manifest_fields(self) -> dict:
         """The base directory, process count and device."""

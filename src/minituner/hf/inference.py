@@ -19,8 +19,9 @@ import torch.nn as nn
 from minituner.hf.load import load_base
 from minituner.hf.merge import adapter_base_record
 from minituner.hf.models import load_hf_model, load_hf_tokenizer
+from minituner.hf.tokens import adapter_tokenizer, attach_adapter
 from minituner.hf.views import hf_views
-from minituner.lora.adapters import CONFIG_NAME, load_adapter
+from minituner.lora.adapters import CONFIG_NAME
 from minituner.lora.multi import add_named_adapters
 
 RUN_ADAPTER = "adapter"
@@ -43,7 +44,7 @@ def load_adapted_model(model_spec: str | None, adapter_dir: str | os.PathLike,
     record = adapter_base_record(adapter_dir, model_spec)
     path = model_spec if model_spec is not None else record["path"]
     base = load_base(record, device=device, path=path, allow_pickle=allow_pickle)
-    model = load_adapter(base, adapter_dir, strict=verify_base)
+    model = attach_adapter(base, adapter_dir, record, strict=verify_base)
     return model, path
 
 
@@ -73,9 +74,11 @@ def inference_views(model_spec: str | None, adapter_dir: str | os.PathLike | Non
     if isinstance(adapter_dir, dict):
         model, path = load_named_adapters(model_spec, adapter_dir, device, allow_pickle,
                                           verify_base)
-    elif adapter_dir is not None:
+    elif adapter_dir is not None:  # new tokens (--add-tokens): the tokenizer beside it
         model, path = load_adapted_model(model_spec, adapter_dir, device, allow_pickle,
                                          verify_base)
+        record = adapter_base_record(adapter_dir, model_spec)
+        return hf_views(model.eval(), adapter_tokenizer(adapter_dir, record, path))
     elif model_spec is None:
         raise ValueError("--model: give a transformers model (hf:DIR) or an adapter")
     else:

@@ -32,8 +32,9 @@ from minituner.hf.load import (
     quantize_loaded_model,
     recorded_base_dir,
 )
-from minituner.hf.models import context_length, hf_dir, load_hf_model, load_hf_tokenizer
+from minituner.hf.models import context_length, hf_dir, load_hf_model
 from minituner.hf.save import save_hf_model
+from minituner.hf.tokens import adapter_tokenizer, attach_adapter
 from minituner.lora import (
     lora_layers,
     merge_and_unload,
@@ -42,7 +43,7 @@ from minituner.lora import (
     set_submodule,
     source_fan_in_fan_out,
 )
-from minituner.lora.adapters import CONFIG_NAME, load_adapter
+from minituner.lora.adapters import CONFIG_NAME
 from minituner.lora.merge import check_finite
 from minituner.quant import DEFAULT_QUANT_SCHEME
 from minituner.quant.qlora import MERGE_TARGETS, QuantizedLinear, parse_quant_scheme
@@ -156,14 +157,14 @@ def merge_hf_adapter(model_spec: str | None, adapter_dir, out_dir, target: str |
             raise FileExistsError(f"{out}: folder is not empty (pass --overwrite to replace it)")
         check_replaceable(out)
     base = load_base(record, device=device, path=path, allow_pickle=allow_pickle)
-    model = load_adapter(base, adapter_dir, strict=strict)
+    model = attach_adapter(base, adapter_dir, record, strict=strict)
     tokens = probe_tokens(model.config.vocab_size, context_length(model.config))
     before = _logits(model, tokens)
     n_layers = len(lora_layers(model))
     merged = _merge(model, target, record)
     in_memory = _drift(before, _logits(merged, tokens))
     check_finite(merged.state_dict().items(), f"merge of {adapter_dir}")
-    tokenizer = load_hf_tokenizer(path)
+    tokenizer = adapter_tokenizer(adapter_dir, record, path)
     with atomic_directory(out) as staging:
         save_hf_model(merged, staging, tokenizer=tokenizer)
         reloaded = _drift(before, _logits(_reload(staging, target, device), tokens))

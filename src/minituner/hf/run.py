@@ -20,6 +20,7 @@ from minituner.hf.models import (
     load_hf_tokenizer,
     read_hf_config,
 )
+from minituner.hf.tokens import add_new_tokens, token_modules_to_save
 from minituner.lora.adapters import base_fingerprint
 from minituner.lora.saved_modules import apply_modules_to_save
 from minituner.lora.targets import target_spec
@@ -40,6 +41,8 @@ class HFPrepared:
     max_len: int
     context: int | None
     chat_template: dict | None = None  # the template rendered with (config.json records it)
+    added_tokens: dict | None = None  # --add-tokens: what was added (hf.tokens.add_new_tokens)
+    tokenizer: object = None  # the tokenizer the data was encoded with
 
 
 def prepare_hf_data(cfg) -> HFPrepared:
@@ -51,6 +54,9 @@ def prepare_hf_data(cfg) -> HFPrepared:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {context} "
                          "tokens")
     max_len = cfg.max_len or context or 1024
+    added = None
+    if cfg.add_tokens:  # before encoding, so the data may use them
+        added = add_new_tokens(tokenizer, cfg.add_tokens, config.vocab_size, str(cfg.model))
     examples = read_examples(cfg.train_data)
     validation_examples: list = []
     if cfg.val_data:
@@ -70,7 +76,8 @@ def prepare_hf_data(cfg) -> HFPrepared:
     if uses_template(records, cfg.chat_template):
         template = template_record(tokenizer, tokenizer_template(tokenizer, cfg.model))
     return HFPrepared(train, validation, [r for _, r in examples],
-                      [r for _, r in validation_examples], pad_id, max_len, context, template)
+                      [r for _, r in validation_examples], pad_id, max_len, context, template,
+                      added, tokenizer)
 
 
 def data_sha256(prepared: HFPrepared) -> str:
@@ -119,15 +126,18 @@ def load_hf_base(cfg, dtype: torch.dtype, device: torch.device) -> tuple:
 def add_lora(model: nn.Module, cfg) -> nn.Module:
     """LoRA on the base's Linears (``cfg.targets``, default all, less ``cfg.exclude``, in
     ``cfg.layers``; ranks and alphas by ``cfg.rank_pattern`` / ``cfg.alpha_pattern``) and
-    ``cfg.modules_to_save`` trained in full, in training mode."""
+    ``cfg.modules_to_save`` trained in full (with ``cfg.add_tokens``, the embedding and the
+    head too), in training mode."""
     targets = target_spec(cfg.targets) if cfg.targets else ALL_LINEAR
     apply_hf_lora(model, targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                   init=parse_init(cfg.init)[0] or "kaiming", use_rslora=cfg.use_rslora,
                   seed=cfg.seed, use_dora=uses_dora(cfg.method),
                   exclude_modules=target_spec(cfg.exclude), layers_to_transform=parse_layers(
                       cfg.layers), rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern)
-    if cfg.modules_to_save:
-        apply_modules_to_save(model, cfg.modules_to_save)
+    saved = token_modules_to_save(model, cfg.modules_to_save) if cfg.add_tokens \
+        else cfg.modules_to_save
+    if saved:
+        apply_modules_to_save(model, saved)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model.train()

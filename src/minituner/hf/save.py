@@ -77,6 +77,12 @@ def export_state_dict(model: nn.Module) -> dict:
     return out
 
 
+def embeddings_tied(model: nn.Module) -> bool:
+    """True when the output head uses the input embedding's weight (or there is no head)."""
+    head = model.get_output_embeddings()
+    return head is None or head.weight is model.get_input_embeddings().weight
+
+
 def save_hf_model(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
                   overwrite: bool = False) -> Path:
     """Write ``model`` (float, or with NF4 layers) as a transformers directory, atomically."""
@@ -89,6 +95,8 @@ def save_hf_model(model: nn.Module, directory: str | os.PathLike, tokenizer=None
         raise ValueError("model still has LoRA layers; merge_and_unload it before saving")
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    if config.get("tie_word_embeddings") and not embeddings_tied(model):
+        config["tie_word_embeddings"] = False  # a head trained apart: transformers must not re-tie
     quantization = bnb_quantization_config(model)
     if quantization is not None:
         config["quantization_config"] = quantization

@@ -639,8 +639,16 @@ def _check_fingerprint(model: nn.Module, settings: dict, path: Path, strict: boo
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def verify_adapter_base(model: nn.Module, directory, strict: bool = True) -> None:
+    """Check ``model`` against the base fingerprint of the adapter in ``directory`` (a model
+    that must change before the adapter fits, say a grown vocabulary, is checked first)."""
+    config_path = Path(directory) / CONFIG_NAME
+    settings = _parse_config(read_json(config_path, "adapter config"), config_path)
+    _check_fingerprint(model, settings, config_path, strict)
+
+
 def load_adapter(model: nn.Module, directory, strict: bool = True,
-                 allow_modules_to_save: bool = True) -> nn.Module:
+                 allow_modules_to_save: bool = True, check_base: bool = True) -> nn.Module:
     """Load an adapter directory into ``model`` (wrapping a plain model first); returns it.
 
     Every key, shape, value (NaN/inf is refused naming the tensor) and the base fingerprint are
@@ -648,7 +656,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True,
     ``strict=False`` turns only a fingerprint mismatch into a warning. Loading into an already
     wrapped model also takes the file's alpha and use_rslora. Modules the adapter trained in full
     (``modules_to_save``) become trainable copies in the model (a plain model only);
-    ``allow_modules_to_save=False`` refuses such an adapter.
+    ``allow_modules_to_save=False`` refuses such an adapter. ``check_base=False`` skips the
+    fingerprint check (done before with :func:`verify_adapter_base`).
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -672,7 +681,8 @@ def load_adapter(model: nn.Module, directory, strict: bool = True,
     if wrapped and (saved or saved_module_paths(model)):
         raise ValueError(f"{config_path}: modules_to_save adapters load into a plain model only")
     saved_paths = _check_saved(model, saved, settings["modules_to_save"], weights_path)
-    _check_fingerprint(model, settings, config_path, strict)
+    if check_base:
+        _check_fingerprint(model, settings, config_path, strict)
     if not wrapped:
         config = LoRAConfig(**{key: settings[key] for key in
                                ("r", "alpha", "dropout", "init", "use_rslora", "use_dora",

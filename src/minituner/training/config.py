@@ -20,8 +20,8 @@ __all__ = ["ADAPTER_METHODS", "DEFAULT_STEPS", "HF_PREFIX", "INIT_NAMES", "KINDS
            "KIND_DEFAULTS", "KIND_METHODS", "KIND_REFUSES", "LR_SCHEDULERS", "METHODS",
            "METHOD_REFUSES", "TRACKERS",
            "RUNTIME_FIELDS", "SETTING_NEEDS", "FinetuneConfig", "PretrainConfig", "base_method",
-           "check_given_settings", "check_ranges", "flag_name", "kind_defaults", "model_kind",
-           "parse_init", "parse_layers", "uses_dora"]
+           "check_given_settings", "check_new_tokens", "check_ranges", "flag_name",
+           "kind_defaults", "model_kind", "parse_init", "parse_layers", "uses_dora"]
 
 # dora / qdora: DoRA (weight-decomposed LoRA, minituner.lora.dora) on a float / NF4 base.
 METHODS = ("lora", "qlora", "full", "dora", "qdora")
@@ -49,7 +49,7 @@ KIND_REFUSES = {
     "minigpt": {name: "it applies to transformers (hf:) models only" for name in (
         "val_fraction", "use_rslora", "max_len", "strict_len", "chat_template",
         "grad_checkpointing", "dtype", "allow_pickle", "exclude", "layers", "rank_pattern",
-        "alpha_pattern", "modules_to_save", "packing")},
+        "alpha_pattern", "modules_to_save", "packing", "add_tokens")},
     "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
                      "run has",
            "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
@@ -61,7 +61,7 @@ KIND_REFUSES = {
 METHOD_REFUSES = {
     "full": {name: "full fine-tuning trains every weight and has no adapter" for name in (
         "rank", "alpha", "dropout", "targets", "use_rslora", "init", "loraplus_lr_ratio",
-        "exclude", "layers", "rank_pattern", "alpha_pattern", "modules_to_save")}
+        "exclude", "layers", "rank_pattern", "alpha_pattern", "modules_to_save", "add_tokens")}
     | {"quant_scheme": "only --method qlora quantizes the base"},
     "lora": {"quant_scheme": "only --method qlora or qdora quantizes the base"},
     "qlora": {},
@@ -219,6 +219,7 @@ class FinetuneConfig:
     alpha_pattern: dict | None = None  # module-name regex -> alpha
     modules_to_save: list | None = None  # modules trained in full beside the adapters
     packing: bool | None = None  # hf: several examples per row, kept apart (None: off)
+    add_tokens: list | None = None  # hf: new special tokens; their embedding rows train
 
     @property
     def kind(self) -> str:
@@ -274,6 +275,7 @@ class FinetuneConfig:
         ]
         check_ranges(self, checks, FILE_ONLY)
         self._check_init(kind)
+        check_new_tokens(self.add_tokens)
         parse_layers(self.layers)
         if kind == "hf" and self.rank < 1:
             raise ValueError(f"--rank must be a positive int for {KIND_NAMES[kind]} models, "
@@ -354,6 +356,17 @@ class FinetuneConfig:
 
 
 FIELD_DEFAULTS = {f.name: f.default for f in fields(FinetuneConfig)}
+
+
+def check_new_tokens(tokens: list | None) -> None:
+    """Refuse an --add-tokens entry that is empty, blank or given twice, naming it."""
+    seen = set()
+    for token in tokens or ():
+        if not isinstance(token, str) or not token.strip():
+            raise ValueError(f"--add-tokens: a token must be a non-empty string, got {token!r}")
+        if token in seen:
+            raise ValueError(f"--add-tokens: token {token!r} is given twice")
+        seen.add(token)
 
 
 def kind_defaults(kind: str) -> dict:
