@@ -347,6 +347,13 @@ CASES = [
                                                ["layers_to_transform", "[0, 1]"])),
     ("modules-to-save-matches-nothing", lambda w, t: (
         hf_finetune(w, t / "o", "--modules-to-save", "nope"), ["modules_to_save", "'nope'"])),
+    ("add-tokens-existing", lambda w, t: (hf_finetune(w, t / "o", "--add-tokens", "<new>",
+                                                      "the"),
+                                          ["--add-tokens", "'the'", "already in the tokenizer"])),
+    ("add-tokens-empty", lambda w, t: (hf_finetune(w, t / "o", "--add-tokens", ""),
+                                       ["--add-tokens", "non-empty"])),
+    ("add-tokens-on-mini-gpt", lambda w, t: (finetune(w, t / "o", "--steps", "1", "--add-tokens",
+                                                      "<new>"), ["--add-tokens", "Mini-GPT"])),
     ("exclude-on-mini-gpt", lambda w, t: (finetune(w, t / "o", "--steps", "1", "--exclude",
                                                    "fc1"), ["--exclude", "Mini-GPT"])),
     ("report-to-wandb-absent", lambda w, t: (hf_finetune(w, t / "o", "--report-to", "wandb"),
