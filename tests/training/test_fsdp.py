@@ -83,3 +83,21 @@ def test_unsharded_helpers_match_torch():
         torch.cat([g.flatten() for g in expected]))))
     assert total == pytest.approx(norm) or total >= 0
     assert full_tensors([("a", params[0])])["a"].data_ptr() != params[0].data_ptr()
+
+
+def test_planner_shards_state_and_adds_gathered_units():
+    from minituner.training.memory import plan_memory, qlora_paper_settings
+
+    settings = qlora_paper_settings()
+    method = settings.pop("method")
+    one = plan_memory("llama-65b", method, **settings)
+    assert plan_memory("llama-65b", method, **settings, devices=1, fsdp=True).total_bytes == \
+        one.total_bytes  # one device gathers nothing
+    two = plan_memory("llama-65b", method, **settings, devices=2, fsdp=True)
+    assert two.details["weights.nf4_linears"] == -(-one.details["weights.nf4_linears"] // 2)
+    assert two.buckets["optimizer"] < one.buckets["optimizer"]
+    assert two.details["weights.fsdp_gathered_blocks"] > 0
+    assert two.buckets["activations"] == one.buckets["activations"]
+    assert 0.5 * one.total_bytes < two.total_bytes < 0.6 * one.total_bytes
+    with pytest.raises(ValueError, match="devices must be an int >= 1"):
+        plan_memory("llama-65b", method, **settings, devices=0, fsdp=True)
