@@ -41,6 +41,11 @@ def register(subparsers) -> None:
                              "checkpointing, batch 1 x 512 (other flags are ignored)")
     parser.add_argument("--course-table", action="store_true",
                         help="print the course's simplified Mini-GPT table instead")
+    parser.add_argument("--devices", type=positive_int, default=1,
+                        help="processes, one per device (with --fsdp: the per-device peak)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="FSDP2: weights, gradients and Adam state sharded over --devices, "
+                             "plus the gathered root and two gathered blocks")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
@@ -58,7 +63,8 @@ def format_plan(plan) -> str:
     a = plan.assumptions
     lines = [
         f"{plan.model}: {a['method']}, rank {a['rank']}, batch {a['batch']} x seq {a['seq']}"
-        f"{', gradient checkpointing' if a['grad_checkpointing'] else ''}",
+        f"{', gradient checkpointing' if a['grad_checkpointing'] else ''}"
+        f"{_per_device(a)}",
         f"{'bucket':<34}{'bytes':>18}{'GB':>12}{'GiB':>12}",
     ]
     for bucket, value in plan.buckets.items():
@@ -74,6 +80,12 @@ def format_plan(plan) -> str:
                  f"attention; {a['optimizer']}; {a['trainable_params']:,} trainable of "
                  f"{a['n_params']:,} parameters")
     return "\n".join(lines)
+
+
+def _per_device(a: dict) -> str:
+    if a.get("fsdp"):
+        return f", FSDP over {a['devices']} devices (per device)"
+    return ""
 
 
 def format_course_table(rows: list) -> str:
@@ -100,14 +112,15 @@ def plan_from_args(args):
     """The MemoryPlan the flags ask for."""
     from minituner.training.memory import plan_memory, qlora_paper_settings
 
+    shards = {"devices": args.devices, "fsdp": args.fsdp}
     if args.qlora_paper:
         settings = qlora_paper_settings()
-        return plan_memory(args.model, settings.pop("method"), **settings)
+        return plan_memory(args.model, settings.pop("method"), **settings, **shards)
     return plan_memory(
         args.model, args.method, rank=args.rank, batch=args.batch, seq=args.seq,
         grad_checkpointing=args.grad_checkpointing, base_dtype=args.base_dtype,
         adapter_dtype=args.adapter_dtype, compute_dtype=args.compute_dtype, quant=args.quant,
-        attention=args.attention,
+        attention=args.attention, **shards,
     )
 
 

@@ -156,6 +156,10 @@ def add_training_flags(parser: argparse.ArgumentParser, method: bool = True,
                             help=f"{hf_only}pack several examples into each --max-len row, "
                                  "each attending only to itself (per-example positions, "
                                  "block-diagonal mask); --batch-size counts packed rows")
+        parser.add_argument("--fsdp", action="store_true", default=None,
+                            help=f"{hf_only}under torchrun: shard the blocks, NF4 weights, "
+                                 "adapters and AdamW state over the processes (FSDP2) "
+                                 "instead of DDP")
         parser.add_argument("--grad-checkpointing", action="store_true", default=None,
                             help=f"{hf_only}recompute activations in backward (less memory)")
         parser.add_argument("--dtype", default=None, choices=("auto", "fp32", "bf16"),

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minituner.hf.fsdp import FSDPForward, check_fsdp_settings, shard_hf_model
 from minituner.hf.models import dtype_name, read_hf_config, resolve_device, resolve_dtype
 from minituner.hf.packing import check_packing_config, check_packing_model, packed_inputs
 from minituner.hf.plan import measured_peak, plan_from_data, resident_bytes
@@ -40,6 +41,7 @@ from minituner.lora.adapters import base_tensor_stats, save_adapter
 from minituner.lora.init import BASE_CHANGING_INITS
 from minituner.models.minigpt import masked_token_nll
 from minituner.training import distributed as D
+from minituner.training import fsdp as F
 from minituner.training import pipeline
 from minituner.training.config import FinetuneConfig, parse_init
 from minituner.training.evaluation import make_validator
@@ -142,10 +144,24 @@ def _sum_over_processes(totals: list) -> list:
 
 
 def make_hf_validator(sequences: list, pad_id: int, device: torch.device, info: D.DistInfo,
-                      batch_size: int = 8):
-    """evaluate(model) -> {"val_loss", "val_ppl"}: each process scores its share, then sums."""
-    return make_validator(sequences[info.rank::info.world_size], pad_id, hf_logits,
-                          batch_size=batch_size, device=device, reduce_sum=_sum_over_processes)
+                      batch_size: int = 8, sharded: bool = False):
+    """evaluate(model) -> {"val_loss", "val_ppl"}: each process scores its share, then sums.
+
+    ``sharded`` (an FSDP model): every process scores every batch, so the gathers of the
+    processes stay in step, and the root's gathered parameters are freed after (its root
+    keeps them after a forward, for the backward that follows in training)."""
+    if not sharded:
+        return make_validator(sequences[info.rank::info.world_size], pad_id, hf_logits,
+                              batch_size=batch_size, device=device,
+                              reduce_sum=_sum_over_processes)
+    evaluate = make_validator(sequences, pad_id, hf_logits, batch_size=batch_size, device=device)
+
+    def evaluate_and_reshard(model: nn.Module) -> dict:
+        metrics = evaluate(model)
+        model.reshard()
+        return metrics
+
+    return evaluate_and_reshard
 
 
 def runtime_settings(cfg: FinetuneConfig, device_name: str | None = "auto") -> dict:
@@ -172,6 +188,7 @@ class HFBackend:
         self.original: dict = {}  # a base-changing init: the adapter at step 0, base stats
         self.plan: dict = {}  # the preflight plan (predicted peak memory, padding)
         self.rss_before_load: int | None = None
+        self.base_params: int | None = None  # counted before FSDP shards the NF4 buffers
 
     def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
         """Device, compute dtype and process group; the global batch must split evenly."""
@@ -179,6 +196,8 @@ class HFBackend:
             raise ValueError(f"--model must be hf:DIR for a transformers run, got {cfg.model!r}")
         self.runtime = runtime_settings(cfg, self.device_name)
         info = self.runtime["dist"]
+        if cfg.fsdp:
+            check_fsdp_settings(cfg)
         if cfg.batch_size % info.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over "
                              f"{info.world_size} processes")
@@ -215,23 +234,35 @@ class HFBackend:
 
     def build_trainable(self, cfg: FinetuneConfig) -> nn.Module:
         """LoRA on the base (and gradient checkpointing when asked); a base-changing init
-        (PiSSA) also keeps what saving its converted adapter needs."""
+        (PiSSA) also keeps what saving its converted adapter needs; --fsdp shards the model."""
         changes_base = parse_init(cfg.init)[0] in BASE_CHANGING_INITS
         saves_modules = bool(cfg.modules_to_save or cfg.add_tokens)
-        stats = base_tensor_stats(self.model) if changes_base or saves_modules else None
+        keep_stats = changes_base or saves_modules or self.sharded(cfg)
+        stats = base_tensor_stats(self.model) if keep_stats else None
         if self.data.added_tokens is not None:  # the statistics describe the original base
             resize_for_tokens(self.model, self.data.added_tokens)
         model = add_lora(self.model, cfg)
+        self.base_params = base_parameter_count(model)
         if changes_base:
             self.original = {"initial": lora_state_dict(model), "tensor_stats": stats}
-        elif saves_modules:  # the trained copies must not enter the base's statistics
-            self.original = {"tensor_stats": stats}
+        elif stats is not None:  # trained copies must not enter the base's statistics, and a
+            self.original = {"tensor_stats": stats}  # sharded base is read before sharding
+        if self.sharded(cfg):
+            shard_hf_model(model, self.runtime["dist"], self.runtime["dtype"])
         return model
 
+    def sharded(self, cfg: FinetuneConfig) -> bool:
+        """True when this run shards the model (--fsdp with more than one process)."""
+        return bool(cfg.fsdp) and self.runtime["dist"].enabled
+
     def loss_fn(self, cfg: FinetuneConfig, model: nn.Module):
-        """Masked NLL through the DDP wrapper when distributed; with dropout, each micro-batch
-        seeds the RNG from (seed, micro-step, process) first (:func:`seed_dropout`)."""
-        forward_model = D.wrap_ddp(model, self.runtime["dist"], self.runtime["device"])
+        """Masked NLL through the DDP wrapper (or the FSDP root) when distributed; with
+        dropout, each micro-batch seeds the RNG from (seed, micro-step, process) first
+        (:func:`seed_dropout`)."""
+        if self.sharded(cfg):
+            forward_model = FSDPForward(model)
+        else:
+            forward_model = D.wrap_ddp(model, self.runtime["dist"], self.runtime["device"])
         loss_fn = make_hf_loss_fn(forward_model, self.runtime["device"])
         if cfg.dropout == 0:
             return loss_fn
@@ -241,6 +272,9 @@ class HFBackend:
         """Validation NLL summed over processes, or None without validation data."""
         if not prepared.validation:
             return None
+        if self.sharded(cfg):  # every process runs every batch: FSDP's gathers stay in step
+            return make_hf_validator(prepared.validation, prepared.pad_id,
+                                     self.runtime["device"], D.DistInfo(), sharded=True)
         return make_hf_validator(prepared.validation, prepared.pad_id, self.runtime["device"],
                                  self.runtime["dist"])
 
@@ -268,7 +302,7 @@ class HFBackend:
             "resumed_from_step": result.resumed_from,
             "trainable_params": sum(p.numel() for p in run.model.parameters()
                                     if p.requires_grad),
-            "base_params": base_parameter_count(run.model),
+            "base_params": self.base_params,
             "device": str(self.runtime["device"]),
             "compute_dtype": dtype_name(self.runtime["dtype"]),
             "world_size": run.dist.world_size, "global_batch": cfg.batch_size,
@@ -284,6 +318,11 @@ class HFBackend:
             "memory": {"predicted": self.plan["memory"],
                        "measured": measured_peak(self.rss_before_load, self.runtime["device"])},
         }
+
+    def after_fit(self, cfg: FinetuneConfig, model: nn.Module) -> None:
+        """Every process, after training: a sharded adapter is gathered whole for saving."""
+        if self.sharded(cfg):
+            F.unshard_trainable(model)
 
     def save(self, cfg: FinetuneConfig, model: nn.Module, out: Path) -> None:
         """The adapter (PEFT layout) with the base's record and fingerprint; with new tokens,

@@ -124,6 +124,11 @@ MODEL_SPECS = {
             ("33b", 6656, 60, 17920, 52), ("65b", 8192, 80, 22016, 64),
         ]
     },
+    # a 70B Llama-style shape (Llama-3-70B's): GQA with 8 KV heads, 128k vocabulary
+    "llama-70b-style": ModelSpec("llama-70b-style", vocab_size=128256, d_model=8192,
+                                 n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
+                                 context_len=8192, gated_mlp=True, tied_head=False,
+                                 mlp_bias=False, norm="rmsnorm"),
 }
 
 

@@ -49,7 +49,7 @@ KIND_REFUSES = {
     "minigpt": {name: "it applies to transformers (hf:) models only" for name in (
         "val_fraction", "use_rslora", "max_len", "strict_len", "chat_template",
         "grad_checkpointing", "dtype", "allow_pickle", "exclude", "layers", "rank_pattern",
-        "alpha_pattern", "modules_to_save", "packing", "add_tokens")},
+        "alpha_pattern", "modules_to_save", "packing", "add_tokens", "fsdp")},
     "hf": {"replay": "replay needs the base's pretraining corpus, which only a Mini-GPT base "
                      "run has",
            "kl": "the KL anchor acts on replay rows, which need a Mini-GPT base's corpus",
@@ -77,7 +77,7 @@ SETTING_NEEDS = {
 }
 
 # Settings recorded in config.json that a --resume may change (they do not decide results).
-RUNTIME_FIELDS = ("threads", "allow_pickle", "verify_base", "report_to")
+RUNTIME_FIELDS = ("threads", "allow_pickle", "verify_base", "report_to", "fsdp")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
@@ -220,6 +220,7 @@ class FinetuneConfig:
     modules_to_save: list | None = None  # modules trained in full beside the adapters
     packing: bool | None = None  # hf: several examples per row, kept apart (None: off)
     add_tokens: list | None = None  # hf: new special tokens; their embedding rows train
+    fsdp: bool | None = None  # hf under torchrun: shard the model with FSDP2 (None: DDP)
 
     @property
     def kind(self) -> str:

@@ -83,6 +83,7 @@ def process_device(device: torch.device, info: DistInfo) -> torch.device:
 def shutdown_distributed() -> None:
     """Leave the process group (safe to call when there is none)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no process tears the group down under another's last collective
         dist.destroy_process_group()
 
 

@@ -21,6 +21,15 @@ from minituner.training.config import (
     PretrainConfig,
 )
 from minituner.training.evaluation import call_model, make_validator
+from minituner.training.fsdp import (
+    clip_gradients,
+    full_optimizer_state,
+    full_tensors,
+    is_sharded,
+    load_full_tensors,
+    load_optimizer_state,
+    total_gradient_norm,
+)
 from minituner.training.sampling import SequenceBatches
 
 
@@ -177,16 +186,11 @@ def token_count(batch: dict) -> int:
 
 
 def _snapshot(named: list) -> dict:
-    return {n: p.detach().clone() for n, p in named}
+    return full_tensors(named)  # FSDP: gathered, so a checkpoint is the one-process format
 
 
-@torch.no_grad()
 def _restore(named: list, state: dict) -> None:
-    params = dict(named)
-    if set(params) != set(state):
-        raise ValueError("checkpoint's trainable tensors do not match the model's")
-    for name, param in params.items():
-        param.copy_(state[name])
+    load_full_tensors(named, state)  # FSDP: each process takes its shard
 
 
 def fit(
@@ -220,7 +224,7 @@ def fit(
     start = 0
     if resume is not None:
         _restore(named, resume["trainable"])
-        optimizer.load_state_dict(resume["optimizer"])
+        load_optimizer_state(optimizer, resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         restore_rng(resume["rng"])
         start, log, best = int(resume["step"]), list(resume["log"]), dict(resume["best"])
@@ -238,7 +242,7 @@ def fit(
         loss = reduce_loss(loss_total) / total_tokens
         _check_finite("loss", loss, step, writer)
         if cfg.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip))
+            norm = clip_gradients([p for _, p in named], cfg.grad_clip)
             _check_finite("gradient norm", norm, step, writer)
         else:
             norm = gradient_norm(named)
@@ -262,7 +266,7 @@ def fit(
         if writer is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             writer.save_checkpoint({
                 "step": step, "trainable": _snapshot(named),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "optimizer": full_optimizer_state(optimizer), "scheduler": scheduler.state_dict(),
                 "rng": capture_rng(), "log": log, "best": best,
             })
             writer.write_log(log)
@@ -274,6 +278,8 @@ def fit(
 @torch.no_grad()
 def gradient_norm(named: list) -> float:
     """The L2 norm of every trainable gradient together (what clipping would measure)."""
+    if any(is_sharded(p) for _, p in named):
+        return float(total_gradient_norm([p for _, p in named]))
     norms = [torch.linalg.vector_norm(p.grad.float()) for _, p in named if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
@@ -293,7 +299,7 @@ def _check_finite(what: str, value: float, step: int, writer) -> None:
 def _check_finite_weights(named: list, step: int, writer) -> None:
     """Before a checkpoint and at the end: an update that overflowed the weights stops the run
     (a finite loss only vouches for the weights it was computed with)."""
-    for name, param in named:
+    for name, param in full_tensors(named).items():  # FSDP: every process checks all
         if not bool(torch.isfinite(param).all()):
             _check_finite(f"trainable tensor {name}", math.nan, step, writer)
 

@@ -76,12 +76,14 @@ class PlanSettings:
     attention: str = "sdpa"  # "sdpa" saves no score matrix; "eager" saves (b, h, s, s)
     chunked_loss: bool = False  # head + loss run chunked (training.losses, transformers runs)
     packed_mask: bool = False  # a (b, 1, s, s) block-diagonal mask in the compute dtype
+    devices: int = 1  # processes (one per device); with fsdp, state is sharded over them
+    fsdp: bool = False  # FSDP2: weights, gradients and Adam state 1/devices, gathered units
 
     def resolved(self, spec: ModelSpec) -> PlanSettings:
         """Validated settings with the defaults filled in."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        for name, least in (("rank", 0), ("batch", 1)):
+        for name, least in (("rank", 0), ("batch", 1), ("devices", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
@@ -233,10 +235,52 @@ def plan_memory(model="minigpt", method: str = "lora", **settings) -> MemoryPlan
     details["gradients.trainable"] = n_trainable * grad_bytes
     details["optimizer.adam_m_v_fp32"] = 8 * n_trainable
     details["optimizer.step_counters"] = 4 * n_tensors
+    if s.fsdp:
+        details = _fsdp_details(spec, s, details)
     buckets = {bucket: sum(v for k, v in details.items() if k.startswith(bucket + "."))
                for bucket in ("weights", "gradients", "optimizer", "activations")}
     return MemoryPlan(model=spec.name, buckets=buckets, details=details,
                       assumptions=_assumptions(spec, s, n_trainable))
+
+
+SHARDED_PREFIXES = ("weights.adapters", "weights.frozen_base", "weights.nf4_linears",
+                    "weights.frozen_other", "gradients.", "optimizer.adam_m_v_fp32")
+
+
+def _root_params(spec: ModelSpec) -> int:
+    """Parameters outside the blocks (embeddings, head, final norm): FSDP's root unit."""
+    d = spec.d_model
+    root = spec.vocab_size * d * (1 if spec.tied_head else 2) + spec.norm_params()
+    return root + (spec.context_len * d if spec.positions == "learned" else 0)
+
+
+def _block_bytes(spec: ModelSpec, s: PlanSettings) -> int:
+    """Bytes of one block's weights as FSDP all-gathers them (NF4 Linears for qlora)."""
+    base = DTYPE_BYTES[s.base_dtype]
+    params = (spec.n_params() - _root_params(spec)) // spec.n_layers
+    linears = sum(i * o for _, i, o, _ in spec.block_linears())
+    adapters = spec.lora_params(s.rank) // spec.n_layers * DTYPE_BYTES[s.adapter_dtype]
+    if s.method == "qlora":
+        nf4 = sum(nf4_storage_bytes(i * o, s.blocksize, s.quant == "nf4-dq")
+                  for _, i, o, _ in spec.block_linears())
+        return nf4 + (params - linears) * base + adapters
+    if s.method == "lora":
+        return params * base + adapters
+    return params * base
+
+
+def _fsdp_details(spec: ModelSpec, s: PlanSettings, details: dict) -> dict:
+    """Per-device details under FSDP2: sharded state is 1/devices of the whole; the root unit
+    (embeddings, head) is gathered for the whole step, and two blocks at a time (the one
+    computing and the one prefetched), each less the device's own shard."""
+    n = s.devices
+    out = {k: -(-v // n) if k.startswith(SHARDED_PREFIXES) else v for k, v in details.items()}
+    others = (n - 1) / n  # a gathered unit adds what the other devices hold
+    root = _root_params(spec) * DTYPE_BYTES[s.base_dtype]
+    out["weights.fsdp_gathered_root"] = int(root * others)
+    out["weights.fsdp_gathered_blocks"] = int(min(2, spec.n_layers) * _block_bytes(spec, s)
+                                              * others)
+    return out
 
 
 def _assumptions(spec: ModelSpec, s: PlanSettings, n_trainable: int) -> dict:

@@ -231,6 +231,9 @@ def run_finetune(backend: FinetuneBackend, cfg: FinetuneConfig, out_dir, resume:
         writer.write(_stop_failed, work, out, exc)
         raise
     tracker.close()
+    after_fit = getattr(backend, "after_fit", None)  # every process (FSDP gathers the adapter)
+    if after_fit is not None:
+        after_fit(cfg, model)
     results = backend.results(cfg, TrainedRun(model, optimizer, loss_fn, batches, result, steps,
                                               info))
     writer.write(backend.save, cfg, model, work)
