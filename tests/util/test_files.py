@@ -157,3 +157,13 @@ def test_sigkill_at_random_moments_of_replacement_leaves_the_old_or_the_new_fold
         seen.add(after != before)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert True in seen  # the kills did land during replacements
+
+
+def test_release_freed_memory_trims_the_heap_on_linux():
+    import sys
+
+    from minituner.util.files import release_freed_memory
+
+    blocks = [bytearray(1 << 16) for _ in range(256)]  # 16 MiB in heap-sized pieces
+    del blocks
+    assert release_freed_memory() is sys.platform.startswith("linux")

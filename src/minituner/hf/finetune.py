@@ -47,6 +47,7 @@ from minituner.training.config import FinetuneConfig, parse_init
 from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
 from minituner.training.packing import is_packed, pack_sequences
+from minituner.util.files import release_freed_memory
 
 __all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "dropout_seed",
            "enable_grad_checkpointing", "make_hf_loss_fn", "make_hf_validator", "padding_mask",
@@ -216,6 +217,7 @@ class HFBackend:
             torch.cuda.reset_peak_memory_stats(self.runtime["device"])
         self.rss_before_load = resident_bytes()
         self.model, self.base = load_hf_base(cfg, self.runtime["dtype"], self.runtime["device"])
+        release_freed_memory()  # loading's transient buffers would otherwise stay resident
         if prepared.added_tokens is not None:  # the base as loaded, then grown (build_trainable)
             self.base.record["added_tokens"] = prepared.added_tokens
         if cfg.packing:

@@ -320,3 +320,18 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap memory freed so far back to the OS (glibc's ``malloc_trim(0)``), so what a
+    finished step (loading a base, say) freed does not stay resident; False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # glibc only; other C libraries have no malloc_trim
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
+    except (OSError, AttributeError):
+        return False
