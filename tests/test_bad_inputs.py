@@ -334,6 +334,8 @@ CASES = [
                                     ["--loraplus-lr-ratio", "--method full"])),
     ("full-rank-in-config", lambda w, t: (config_file(w, t, "method: full\nrank: 4\n"),
                                           ["--rank", "--method full"])),
+    ("dora-with-pissa", lambda w, t: (finetune(w, t / "o", "--method", "dora", "--init",
+                                               "pissa"), ["--init pissa", "--method dora"])),
     ("lora-quant-scheme", lambda w, t: (finetune(w, t / "o", "--quant-scheme",
                                                  "nf4_per_group_64"),
                                         ["--quant-scheme", "--method lora"])),

@@ -277,3 +277,11 @@ def test_mixed_dora_and_lora_layers_are_not_saved(tmp_path):
     model.get_submodule(name.rsplit(".", 1)[0]).q_proj = plain
     with pytest.raises(ValueError, match="mixes DoRA and plain LoRA layers"):
         save_adapter(model, tmp_path / "adapter")
+
+
+def test_dora_with_a_pissa_start_is_refused_by_name():
+    from minituner.lora import apply_lora
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="init 'pissa' cannot be used with use_dora=True"):
+        apply_lora(model, ["0"], r=2, init="pissa", use_dora=True)
