@@ -193,6 +193,12 @@ def plan_main(args) -> int:
     })
     print(f"finetune --plan, GPT-2-small shape (transformers), batch {args.batch} x {args.seq}, "
           f"{args.steps} steps, {args.threads} threads, fp32")
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: list) -> None:
+    """The README table of predicted vs measured peak-RSS growth, one row per run."""
     print("| allocator | method | predicted (MB) | measured peak-RSS growth (MB) "
           "| predicted / measured | within 15% |")
     print("|---|---|---|---|---|---|")
@@ -200,7 +206,6 @@ def plan_main(args) -> int:
         print(f"| {row['allocator']} | {row['method']} | {row['predicted_bytes'] / 1e6:,.0f} "
               f"| {row['measured_growth_bytes'] / 1e6:,.0f} "
               f"| {row['ratio_predicted_to_measured']:.3f} | {row['within_tolerance']} |")
-    return 0
 
 
 def main(argv=None) -> int:
@@ -244,13 +249,7 @@ def main(argv=None) -> int:
     })
     print(f"GPT-2-small shape, batch {args.batch} x {args.seq}, {args.steps} AdamW steps, "
           f"{args.threads} threads, fp32")
-    print("| allocator | method | predicted (MB) | measured peak-RSS growth (MB) "
-          "| predicted / measured | within 15% |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['allocator']} | {row['method']} | {row['predicted_bytes'] / 1e6:,.0f} "
-              f"| {row['measured_growth_bytes'] / 1e6:,.0f} "
-              f"| {row['ratio_predicted_to_measured']:.3f} | {row['within_tolerance']} |")
+    print_table(rows)
     return 0
 
 
