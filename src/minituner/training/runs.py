@@ -22,11 +22,11 @@ leaves the old folder or the new one whole.
 
 What a ``--resume`` may change (everything else is refused naming the settings and both
 values), :data:`RESUME_MAY_CHANGE`: the thread count, the process count and the device (they
-are not part of config.json), ``allow_pickle``, the base's fingerprint when ``verify_base`` is
-False (with a warning), and a larger ``steps`` or ``epochs``. With a larger total the
-learning-rate schedule is recomputed for the new total (warmup and cosine decay as if the run
-had been planned that long; the resumed step continues on that curve), so such a run no
-longer equals an uninterrupted run of either length.
+are not part of config.json), ``fsdp``, ``report_to``, ``allow_pickle``, the base's fingerprint
+when ``verify_base`` is False (with a warning), and a larger ``steps`` or ``epochs``. With a
+larger total the learning-rate schedule is recomputed for the new total (warmup and cosine
+decay as if the run had been planned that long; the resumed step continues on that curve), so
+such a run no longer equals an uninterrupted run of either length.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ FAILED_FILE = "failed.json"  # written when training stops on an error
 RUN_KINDS = ("pretrain", "finetune", "finetune-hf", "merged")  # config.json "kind"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_MARKERS = ("merge_report.json",)  # a merged transformers directory
-RESUME_MAY_CHANGE = ("threads", "process count", "device", "--allow-pickle",
-                     "the base's fingerprint with --no-verify-base", "a larger steps or epochs")
+RESUME_MAY_CHANGE = ("threads", "process count", "device", "--fsdp on or off", "--report-to",
+                     "--allow-pickle", "the base's fingerprint with --no-verify-base",
+                     "a larger steps or epochs")
 _GROWABLE = ("steps", "epochs")  # a resume may raise these (the schedule is recomputed)
 _TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_write's temp files (mkstemp)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import json
@@ -327,10 +329,7 @@ def release_freed_memory() -> bool:
     finished step (loading a base, say) freed does not stay resident; False where unavailable."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes  # glibc only; other C libraries have no malloc_trim
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
+    name = ctypes.util.find_library("c")  # glibc only; other C libraries have no malloc_trim
     try:
         return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
     except (OSError, AttributeError):
