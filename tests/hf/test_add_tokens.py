@@ -105,6 +105,18 @@ def test_new_tokens_train_and_load_in_peft(runs, key):
     assert torch.allclose(logits_of(peft_model, batch), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("key", [("gpt2", "full"), ("llama", "spare")], ids="-".join)
+def test_plan_counts_the_grown_modules_the_run_trains(runs, key):
+    """The run's recorded plan counts the embedding and head copies at the grown vocabulary:
+    exactly the run's trainable parameters that are not LoRA's."""
+    run = runs[key][1]
+    results = json.loads((run / "results.json").read_text())
+    saved = load_safetensors(run / "adapter" / "adapter_model.safetensors")
+    lora = sum(t.numel() for name, t in saved.items() if ".lora_" in name)
+    predicted = results["memory"]["predicted"]
+    assert predicted["trained_modules_params"] == results["trainable_params"] - lora > 0
+
+
 def test_merged_run_keeps_its_trained_head(runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

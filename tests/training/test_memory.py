@@ -208,6 +208,19 @@ def test_activation_options_change_what_they_should():
     assert per_token[1] == 2 * per_token[0]
 
 
+def test_modules_trained_in_full_add_a_copy_its_gradient_and_adam_state():
+    plain = plan_memory("llama-7b", "lora", batch=1, seq=512)
+    head = 32000 * 4096  # lm_head trained in full (modules_to_save), bf16
+    saved = plan_memory("llama-7b", "lora", batch=1, seq=512, trained_modules_params=head)
+    added = {k: saved.buckets[k] - plain.buckets[k] for k in plain.buckets}
+    assert added == {"weights": 2 * head, "gradients": 2 * head, "optimizer": 4 * head,
+                     "activations": 0}
+    with pytest.raises(ValueError, match="trained_modules_params is for lora and qlora"):
+        plan_memory("llama-7b", "full", trained_modules_params=head)
+    with pytest.raises(ValueError, match="trained_modules_params"):
+        plan_memory("llama-7b", "lora", trained_modules_params=-1)
+
+
 def test_planner_rejects_bad_settings():
     with pytest.raises(ValueError, match="method"):
         plan_memory("minigpt", "prefix-tuning")

@@ -12,13 +12,23 @@ beside its measured peak (:func:`measured_peak`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from minituner.hf.models import dtype_name, read_hf_config, resolve_device, resolve_dtype
+from minituner.hf.models import (
+    dtype_name,
+    quiet_transformers,
+    read_hf_config,
+    resolve_device,
+    resolve_dtype,
+)
 from minituner.hf.packing import check_packing_config
 from minituner.hf.run import HFPrepared, prepare_hf_data
+from minituner.hf.tokens import token_modules_to_save
+from minituner.lora.saved_modules import resolve_modules_to_save
+from minituner.models.specs import model_spec
 from minituner.quant.qlora import parse_quant_scheme
 from minituner.training.config import FinetuneConfig, base_method, uses_dora
 from minituner.training.loop import total_steps
@@ -28,7 +38,7 @@ from minituner.training.sampling import EpochSampler
 from minituner.util.files import peak_rss_bytes
 
 __all__ = ["batch_layout", "measured_peak", "plan_finetune", "plan_from_data", "plan_text",
-           "predict_memory", "resident_bytes", "usable_cores"]
+           "predict_memory", "resident_bytes", "trained_module_params", "usable_cores"]
 
 
 def usable_cores() -> int:
@@ -77,22 +87,48 @@ def batch_layout(rows: list, cfg: FinetuneConfig, world_size: int = 1) -> dict:
             "padding_fraction": stats["padding_fraction"]}
 
 
+def trained_module_params(cfg: FinetuneConfig, vocab_size: int | None = None) -> int:
+    """Parameters of the modules the run trains in full (``--modules-to-save``; with
+    ``--add-tokens`` also the embedding and the head), counted on a meta-device copy of the
+    model (nothing allocated). Each module is its own trainable copy, so a tied head counts
+    apart from its embedding. ``vocab_size``: the grown vocabulary of ``--add-tokens``."""
+    if not (cfg.modules_to_save or cfg.add_tokens):
+        return 0
+    from transformers import AutoModelForCausalLM  # optional dependency
+
+    with quiet_transformers(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(read_hf_config(cfg.model))
+        if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    names = token_modules_to_save(model, cfg.modules_to_save) if cfg.add_tokens \
+        else cfg.modules_to_save
+    return sum(param.numel() for path in resolve_modules_to_save(model, names)
+               for param in model.get_submodule(path).parameters())
+
+
 def predict_memory(cfg: FinetuneConfig, batch_rows: int, seq: int,
-                   compute_dtype: torch.dtype) -> dict:
+                   compute_dtype: torch.dtype, vocab_size: int | None = None) -> dict:
     """The planner's prediction for one process of this run: total and the four buckets, or
-    {"error": ...} for a model the planner cannot read."""
+    {"error": ...} for a model the planner cannot read. ``vocab_size``: the vocabulary grown
+    by ``--add-tokens`` (default: the model's)."""
     dtype = dtype_name(compute_dtype)
     blocksize, double = parse_quant_scheme(cfg.quant_scheme)
     try:
-        plan = plan_memory(cfg.model, base_method(cfg.method), rank=cfg.rank, batch=batch_rows,
+        spec = model_spec(cfg.model)
+        if vocab_size is not None and vocab_size > spec.vocab_size:
+            spec = dataclasses.replace(spec, vocab_size=vocab_size)
+        plan = plan_memory(spec, base_method(cfg.method), rank=cfg.rank, batch=batch_rows,
                            seq=seq, grad_checkpointing=cfg.grad_checkpointing, base_dtype=dtype,
                            adapter_dtype="fp32", compute_dtype=dtype,
                            quant="nf4-dq" if double else "nf4", blocksize=blocksize,
-                           chunked_loss=True, packed_mask=bool(cfg.packing))
+                           chunked_loss=True, packed_mask=bool(cfg.packing),
+                           trained_modules_params=trained_module_params(cfg, vocab_size))
     except (ValueError, FileNotFoundError) as exc:
         return {"error": str(exc)}
     out = {"total_bytes": plan.total_bytes, "buckets": dict(plan.buckets),
            "batch": batch_rows, "seq": seq}
+    if plan.assumptions["trained_modules_params"]:
+        out["trained_modules_params"] = plan.assumptions["trained_modules_params"]
     if uses_dora(cfg.method):
         out["note"] = "DoRA's magnitude vectors and norms are not counted (planned as LoRA)"
     return out
@@ -113,8 +149,13 @@ def plan_from_data(cfg: FinetuneConfig, prepared: HFPrepared, compute_dtype: tor
         raise ValueError(used["error"] + (" (packed rows)" if cfg.packing else ""))
     plan.update(steps=used["steps"], tokens=used["tokens"], target_tokens=used["target_tokens"],
                 memory=predict_memory(cfg, used["batch_rows"], used["max_width"],
-                                      compute_dtype))
+                                      compute_dtype, _grown_vocab(prepared)))
     return plan
+
+
+def _grown_vocab(prepared: HFPrepared) -> int | None:
+    """The vocabulary size after ``--add-tokens`` (None: the model's own)."""
+    return None if prepared.added_tokens is None else prepared.added_tokens["vocab_size"]
 
 
 def plan_finetune(cfg: FinetuneConfig, device: str | None = "auto") -> dict:
@@ -185,6 +226,9 @@ def plan_text(plan: dict) -> list:
         buckets = ", ".join(f"{k} {v / MB:,.1f}" for k, v in memory["buckets"].items())
         lines.append(f"  predicted peak memory {memory['total_bytes'] / MB:,.1f} MB "
                      f"(batch {memory['batch']} x {memory['seq']}): {buckets} MB")
+        if memory.get("trained_modules_params"):
+            lines.append(f"  trained in full beside the adapters (--modules-to-save): "
+                         f"{memory['trained_modules_params']:,} parameters")
         if memory.get("note"):
             lines.append(f"  note: {memory['note']}")
     lines += [f"warning: {w}" for w in plan.get("warnings", [])]

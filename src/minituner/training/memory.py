@@ -78,15 +78,20 @@ class PlanSettings:
     packed_mask: bool = False  # a (b, 1, s, s) block-diagonal mask in the compute dtype
     devices: int = 1  # processes (one per device); with fsdp, state is sharded over them
     fsdp: bool = False  # FSDP2: weights, gradients and Adam state 1/devices, gathered units
+    trained_modules_params: int = 0  # modules trained in full beside LoRA (modules_to_save)
 
     def resolved(self, spec: ModelSpec) -> PlanSettings:
         """Validated settings with the defaults filled in."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        for name, least in (("rank", 0), ("batch", 1), ("devices", 1)):
+        for name, least in (("rank", 0), ("batch", 1), ("devices", 1),
+                            ("trained_modules_params", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if self.trained_modules_params and self.method not in ("lora", "qlora"):
+            raise ValueError("trained_modules_params is for lora and qlora (full fine-tuning "
+                             "already trains every module)")
         seq = spec.context_len if self.seq is None else self.seq
         if isinstance(seq, bool) or not isinstance(seq, int) or seq <= 0:
             raise ValueError(f"seq must be a positive int, got {seq!r}")
@@ -235,12 +240,24 @@ def plan_memory(model="minigpt", method: str = "lora", **settings) -> MemoryPlan
     details["gradients.trainable"] = n_trainable * grad_bytes
     details["optimizer.adam_m_v_fp32"] = 8 * n_trainable
     details["optimizer.step_counters"] = 4 * n_tensors
+    details.update(_trained_module_details(s))
     if s.fsdp:
         details = _fsdp_details(spec, s, details)
     buckets = {bucket: sum(v for k, v in details.items() if k.startswith(bucket + "."))
                for bucket in ("weights", "gradients", "optimizer", "activations")}
     return MemoryPlan(model=spec.name, buckets=buckets, details=details,
                       assumptions=_assumptions(spec, s, n_trainable))
+
+
+def _trained_module_details(s: PlanSettings) -> dict:
+    """Modules trained in full beside the adapters (PEFT's modules_to_save): each is a trainable
+    copy in base_dtype beside the frozen original, with a gradient and AdamW's m and v in the
+    same dtype (torch's AdamW keeps its moments in the parameter's dtype)."""
+    if not s.trained_modules_params:
+        return {}
+    copies = s.trained_modules_params * DTYPE_BYTES[s.base_dtype]
+    return {"weights.trained_module_copies": copies, "gradients.trained_modules": copies,
+            "optimizer.trained_modules_adam_m_v": 2 * copies}
 
 
 SHARDED_PREFIXES = ("weights.adapters", "weights.frozen_base", "weights.nf4_linears",
