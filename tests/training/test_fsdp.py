@@ -170,8 +170,23 @@ def test_planner_shards_state_and_adds_gathered_units():
     two = plan_memory("llama-65b", method, **settings, devices=2, fsdp=True)
     assert two.details["weights.nf4_linears"] == -(-one.details["weights.nf4_linears"] // 2)
     assert two.buckets["optimizer"] < one.buckets["optimizer"]
-    assert two.details["weights.fsdp_gathered_blocks"] > 0
+    root = two.details["weights.fsdp_unsharded_root"]  # 2 x 8192 x 32000 bf16
+    assert root == (2 * 8192 * 32000 + 8192) * 2
+    assert two.details["weights.fsdp_gather_buffers"] >= 0
     assert two.buckets["activations"] == one.buckets["activations"]
     assert 0.5 * one.total_bytes < two.total_bytes < 0.6 * one.total_bytes
     with pytest.raises(ValueError, match="devices must be an int >= 1"):
         plan_memory("llama-65b", method, **settings, devices=0, fsdp=True)
+
+
+def test_planner_peak_is_the_largest_of_root_gather_activations_and_blocks():
+    from minituner.training.memory import plan_memory
+
+    settings = {"rank": 8, "seq": 64, "base_dtype": "fp32", "chunked_loss": True}
+    small = plan_memory("gpt2-small", "qlora", batch=1, devices=2, fsdp=True, **settings)
+    root = small.details["weights.fsdp_unsharded_root"]
+    # a short batch: the root's all-gather buffer (a second full root) sets the peak
+    assert small.buckets["activations"] + small.details["weights.fsdp_gather_buffers"] == root
+    large = plan_memory("gpt2-small", "qlora", batch=64, devices=2, fsdp=True, **settings)
+    assert large.buckets["activations"] > root  # the activations set it
+    assert large.details["weights.fsdp_gather_buffers"] < root

@@ -191,6 +191,7 @@ class HFBackend:
         self.plan: dict = {}  # the preflight plan (predicted peak memory, padding)
         self.rss_before_load: int | None = None
         self.base_params: int | None = None  # counted before FSDP shards the NF4 buffers
+        self.trim_after_steps = False  # --fsdp on the CPU: release freed heap after each step
 
     def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
         """Device, compute dtype and process group; the global batch must split evenly."""
@@ -246,6 +247,7 @@ class HFBackend:
         self.model, self.base_params = loaded.model, loaded.base_params
         self.base = HFBase(record, loaded.fingerprint, self.model.config.model_type)
         self.original = {"tensor_stats": loaded.tensor_stats}
+        self.trim_after_steps = self.runtime["device"].type == "cpu"
 
     def evaluate_before(self, cfg: FinetuneConfig) -> None:
         """Nothing: a transformers run reports its validation loss only."""
@@ -302,10 +304,15 @@ class HFBackend:
         return {**self.runtime, "data": self.data}
 
     def on_step(self, model: nn.Module, record: dict) -> None:
-        """After the first step, refuse LoRA layers that got no gradient."""
+        """After the first step, refuse LoRA layers that got no gradient. A sharded CPU run
+        hands the heap memory the step freed back to the OS: FSDP's per-block gathers leave
+        freed blocks in glibc's heap that the next step's root gather (fresh memory) cannot
+        reuse, so they would add to the peak."""
         if not self.gradients_checked:
             check_lora_gradients(model, record["step"])
             self.gradients_checked = True
+        if self.trim_after_steps:
+            release_freed_memory()
 
     def results(self, cfg: FinetuneConfig, run: pipeline.TrainedRun) -> dict:
         """Loss, best step, sizes, device and throughput of the run."""
