@@ -103,7 +103,7 @@ def launch(args, name: str, processes: int, fsdp: bool, root: Path, env: dict) -
                "--tiny", str(args.tiny), "--out", str(root / f"run-{name}"),
                "--report", str(report), "--steps", str(args.steps), "--batch", str(args.batch),
                "--seq", str(args.seq), "--device", args.device] + (["--fsdp"] if fsdp else [])
-    if processes > 1:
+    if processes > 1 or fsdp:  # --fsdp needs torchrun, also for one process (unsharded)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={processes}", *command]
     else:
