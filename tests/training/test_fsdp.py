@@ -43,6 +43,8 @@ def test_fsdp_lora_and_qlora_match_one_process(tmp_path, toy_hf_model, arch):
         assert main(command(model_dir, data, one, method)) == 0
         torchrun([*command(model_dir, data, two, method), "--fsdp"], processes=2)
         assert max_diff(adapter(one), adapter(two)) < 1e-5, method
+        assert read_json(one / "results.json")["base_params"] == \
+            read_json(two / "results.json")["base_params"]
         assert max(float(t.abs().max()) for k, t in adapter(one).items()
                    if "lora_B" in k) > 1e-3  # the adapter moved
 

@@ -38,6 +38,7 @@ from minituner.hf.load import (
     params_on_meta,
 )
 from minituner.hf.models import ALL_LINEAR, fuse_activations, hf_dir, hf_targets, read_hf_config
+from minituner.hf.run import base_parameter_count
 from minituner.lora import lora_layers
 from minituner.lora.adapters import fingerprint_update, tensor_stats
 from minituner.lora.targets import set_submodule
@@ -135,8 +136,7 @@ def load_sharded_base(record: dict, info: DistInfo, device: torch.device,
     fuse_activations(model)
     model.requires_grad_(False)
     units = _fill_units(model, source, prefix)
-    base_params = sum(p.numel() for p in model.parameters()) + sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    base_params = base_parameter_count(model)  # before NF4 tensors become parameters
     model = add_adapters(model)
     _draw_lora(model, lora_seed(model))
     blocks = transformer_blocks(model)
