@@ -250,7 +250,13 @@ def _allocate(model: nn.Module, device: torch.device) -> None:
         if is_param:
             _local(module._parameters[name]).copy_(value)
         else:
-            module._buffers[name] = value.to(device)
+            module._buffers[name] = value
+    for module in model.modules():  # QuantizedLinear's own move keeps its shared code table
+        if isinstance(module, QuantizedLinear):
+            module._apply(lambda t: t.to(device))
+        else:
+            module._buffers.update({name: b.to(device) for name, b in module._buffers.items()
+                                    if b is not None})
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
