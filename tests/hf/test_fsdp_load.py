@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minituner.hf.fsdp import load_sharded_base
+from minituner.hf.load import base_record
+from minituner.quant.nf4_io import QUANT_STATE_KEY
+from minituner.training.distributed import DistInfo
 
 CHILD = '''
 import json, sys
@@ -92,3 +100,15 @@ def test_sharded_load_gathers_to_the_one_process_base(tmp_path, toy_hf_model, ar
     assert result["fingerprint"] and result["stats"] and result["offset"] and result["tied"]
     if method == "qlora":
         assert result["halves"] > 0
+
+
+def test_sharded_load_refuses_a_bitsandbytes_checkpoint(tmp_path, toy_hf_model):
+    model_dir = tmp_path / "model"
+    shutil.copytree(toy_hf_model("gpt2"), model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors[f"transformer.h.0.attn.c_attn.weight.{QUANT_STATE_KEY}"] = torch.zeros(4,
+                                                                                   dtype=torch.uint8)
+    save_file(tensors, model_dir / "model.safetensors")
+    record = base_record(model_dir, "qlora", torch.float32)
+    with pytest.raises(ValueError, match="--fsdp loads float checkpoints only"):
+        load_sharded_base(record, DistInfo(), torch.device("cpu"), lambda model: model)
