@@ -4,7 +4,10 @@
 #   benchmarks/gpu_fsdp.sh                  # N = every visible GPU, device cuda (NCCL)
 #   N=1 benchmarks/gpu_fsdp.sh              # one GPU: FSDP shards nothing (a baseline)
 #   DEVICE=cpu N=2 benchmarks/gpu_fsdp.sh   # the same script with gloo on the CPU (to check it)
+#   PYTHON=/path/to/venv/bin/python ...     # when .venv is not in this checkout
 #
+# Checked on CPU: DEVICE=cpu N=1 and DEVICE=cpu N=2 both finish (2-3 minutes each; the numbers
+# are in the README's FSDP section). On CUDA each run reports peak allocated memory.
 # Measures, per process: the base-weight bytes held after a step (FSDP: its shard), the peak
 # memory growth (CUDA: peak allocated; CPU: peak RSS) and, in the runs' results.json, the
 # step time; beside the planner's per-device prediction. Extra arguments go to fsdp_memory.py

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minituner.hf.fsdp import FSDPForward, check_fsdp_settings, shard_hf_model
+from minituner.hf.fsdp import FSDPForward, check_fsdp_settings, load_sharded_base
+from minituner.hf.load import base_record
 from minituner.hf.models import dtype_name, read_hf_config, resolve_device, resolve_dtype
 from minituner.hf.packing import check_packing_config, check_packing_model, packed_inputs
 from minituner.hf.plan import measured_peak, plan_from_data, resident_bytes
@@ -43,7 +44,7 @@ from minituner.models.minigpt import masked_token_nll
 from minituner.training import distributed as D
 from minituner.training import fsdp as F
 from minituner.training import pipeline
-from minituner.training.config import FinetuneConfig, parse_init
+from minituner.training.config import FinetuneConfig, base_method, parse_init
 from minituner.training.evaluation import make_validator
 from minituner.training.losses import masked_lm_nll, plain_output_head
 from minituner.training.packing import is_packed, pack_sequences
@@ -190,6 +191,7 @@ class HFBackend:
         self.plan: dict = {}  # the preflight plan (predicted peak memory, padding)
         self.rss_before_load: int | None = None
         self.base_params: int | None = None  # counted before FSDP shards the NF4 buffers
+        self.trim_after_steps = False  # --fsdp on the CPU: release freed heap after each step
 
     def setup(self, cfg: FinetuneConfig) -> D.DistInfo:
         """Device, compute dtype and process group; the global batch must split evenly."""
@@ -216,7 +218,11 @@ class HFBackend:
         if self.runtime["device"].type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.runtime["device"])
         self.rss_before_load = resident_bytes()
-        self.model, self.base = load_hf_base(cfg, self.runtime["dtype"], self.runtime["device"])
+        if self.sharded(cfg):
+            self.load_sharded(cfg)
+        else:
+            self.model, self.base = load_hf_base(cfg, self.runtime["dtype"],
+                                                 self.runtime["device"])
         release_freed_memory()  # loading's transient buffers would otherwise stay resident
         if prepared.added_tokens is not None:  # the base as loaded, then grown (build_trainable)
             self.base.record["added_tokens"] = prepared.added_tokens
@@ -231,15 +237,30 @@ class HFBackend:
                                  files={"train": prepared.train_records,
                                         "validation": prepared.validation_records})
 
+    def load_sharded(self, cfg: FinetuneConfig) -> None:
+        """--fsdp: the base built sharded, LoRA applied, each process reading and keeping only
+        its part of every layer (:func:`minituner.hf.fsdp.load_sharded_base`)."""
+        record = base_record(cfg.model, base_method(cfg.method), self.runtime["dtype"],
+                             cfg.quant_scheme)
+        loaded = load_sharded_base(record, self.runtime["dist"], self.runtime["device"],
+                                   lambda model: add_lora(model, cfg))
+        self.model, self.base_params = loaded.model, loaded.base_params
+        self.base = HFBase(record, loaded.fingerprint, self.model.config.model_type)
+        self.original = {"tensor_stats": loaded.tensor_stats}
+        self.trim_after_steps = self.runtime["device"].type == "cpu"
+
     def evaluate_before(self, cfg: FinetuneConfig) -> None:
         """Nothing: a transformers run reports its validation loss only."""
 
     def build_trainable(self, cfg: FinetuneConfig) -> nn.Module:
         """LoRA on the base (and gradient checkpointing when asked); a base-changing init
-        (PiSSA) also keeps what saving its converted adapter needs; --fsdp shards the model."""
+        (PiSSA) also keeps what saving its converted adapter needs; --fsdp: already done
+        while loading (:meth:`load_sharded`)."""
+        if self.sharded(cfg):
+            return self.model
         changes_base = parse_init(cfg.init)[0] in BASE_CHANGING_INITS
         saves_modules = bool(cfg.modules_to_save or cfg.add_tokens)
-        keep_stats = changes_base or saves_modules or self.sharded(cfg)
+        keep_stats = changes_base or saves_modules
         stats = base_tensor_stats(self.model) if keep_stats else None
         if self.data.added_tokens is not None:  # the statistics describe the original base
             resize_for_tokens(self.model, self.data.added_tokens)
@@ -247,10 +268,8 @@ class HFBackend:
         self.base_params = base_parameter_count(model)
         if changes_base:
             self.original = {"initial": lora_state_dict(model), "tensor_stats": stats}
-        elif stats is not None:  # trained copies must not enter the base's statistics, and a
-            self.original = {"tensor_stats": stats}  # sharded base is read before sharding
-        if self.sharded(cfg):
-            shard_hf_model(model, self.runtime["dist"], self.runtime["dtype"])
+        elif stats is not None:  # trained copies must not enter the base's statistics
+            self.original = {"tensor_stats": stats}
         return model
 
     def sharded(self, cfg: FinetuneConfig) -> bool:
@@ -285,10 +304,15 @@ class HFBackend:
         return {**self.runtime, "data": self.data}
 
     def on_step(self, model: nn.Module, record: dict) -> None:
-        """After the first step, refuse LoRA layers that got no gradient."""
+        """After the first step, refuse LoRA layers that got no gradient. A sharded CPU run
+        hands the heap memory the step freed back to the OS: FSDP's per-block gathers leave
+        freed blocks in glibc's heap that the next step's root gather (fresh memory) cannot
+        reuse, so they would add to the peak."""
         if not self.gradients_checked:
             check_lora_gradients(model, record["step"])
             self.gradients_checked = True
+        if self.trim_after_steps:
+            release_freed_memory()
 
     def results(self, cfg: FinetuneConfig, run: pipeline.TrainedRun) -> dict:
         """Loss, best step, sizes, device and throughput of the run."""

@@ -37,7 +37,8 @@ from minituner.hf.models import (
 from minituner.lora.base import is_fan_in_fan_out
 from minituner.lora.targets import ALL_LINEAR, set_submodule
 from minituner.quant import DEFAULT_QUANT_SCHEME
-from minituner.quant.nf4 import check_blocksize, quantize_nf4
+from minituner.quant.kernels import lookup_tables
+from minituner.quant.nf4 import NF4Weight, check_blocksize, quantize_nf4
 from minituner.quant.nf4_io import QUANT_STATE_KEY
 from minituner.quant.qlora import (
     DequantBuffer,
@@ -133,7 +134,7 @@ class TensorSource:
             return handle.get_tensor(key)
 
 
-def _checkpoint_name(source: TensorSource, name: str, prefix: str) -> str | None:
+def checkpoint_name(source: TensorSource, name: str, prefix: str) -> str | None:
     """The checkpoint key of a model tensor: as is, or with/without the base-model prefix."""
     candidates = [name]
     if prefix and name.startswith(prefix + "."):
@@ -201,7 +202,7 @@ def _quantized_paths(model, source, prefix, prequantized, target_modules) -> lis
     if not prequantized:
         return hf_targets(model, target_modules)
     paths = [name for name, _ in model.named_modules()
-             if _checkpoint_name(source, f"{name}.{QUANT_STATE_KEY}", prefix)]
+             if checkpoint_name(source, f"{name}.{QUANT_STATE_KEY}", prefix)]
     if len(paths) != len(prequantized):
         raise ValueError(f"{source.directory}: quantized tensors {sorted(prequantized)[:3]} "
                          "do not all match modules of the model")
@@ -210,11 +211,11 @@ def _quantized_paths(model, source, prefix, prequantized, target_modules) -> lis
 
 def _quantized_layer(source, name, prefix, module, compute_dtype, blocksize, double_quant,
                      buffer, has_bias):
-    bias_key = _checkpoint_name(source, f"{name}.bias", prefix) if has_bias else None
+    bias_key = checkpoint_name(source, f"{name}.bias", prefix) if has_bias else None
     bias = _float(source.get(bias_key), compute_dtype) if bias_key else None
     if has_bias and bias is None:
         raise ValueError(f"{source.directory}: checkpoint has no {name}.bias")
-    state_key = _checkpoint_name(source, f"{name}.{QUANT_STATE_KEY}", prefix)
+    state_key = checkpoint_name(source, f"{name}.{QUANT_STATE_KEY}", prefix)
     if state_key is not None:  # stored by bitsandbytes: take the bytes as they are
         stem = state_key[: -len(QUANT_STATE_KEY)]  # "<module path>."
         state = {key: source.get(key) for key in source.keys()
@@ -222,7 +223,7 @@ def _quantized_layer(source, name, prefix, module, compute_dtype, blocksize, dou
         return QuantizedLinear.from_bnb_state_dict(state, stem, bias=bias,
                                                    compute_dtype=compute_dtype, buffer=buffer,
                                                    fan_in_fan_out=is_fan_in_fan_out(module))
-    weight_key = _checkpoint_name(source, f"{name}.weight", prefix)
+    weight_key = checkpoint_name(source, f"{name}.weight", prefix)
     if weight_key is None:
         raise ValueError(f"{source.directory}: checkpoint has no {name}.weight")
     return nf4_layer(source.get(weight_key), bias, is_fan_in_fan_out(module), compute_dtype,
@@ -238,6 +239,32 @@ def nf4_layer(weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: b
     weight = weight.detach().to(compute_dtype).contiguous()
     quantized = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
     return QuantizedLinear(quantized, bias, compute_dtype=compute_dtype, buffer=buffer,
+                           origin=QuantizedOrigin(fan_in_fan_out=fan_in_fan_out))
+
+
+def nf4_shell(module: nn.Module, compute_dtype: torch.dtype, blocksize: int = 64,
+              double_quant: bool = True, buffer=None) -> nn.Module:
+    """A QuantizedLinear for ``module`` (a Linear or Conv1D, any device) whose codes, scales
+    and bias are meta tensors of the shapes :func:`nf4_layer` gives: a layer to shard before
+    its values exist (a sharded load fills it; its ``offset`` is set then)."""
+    fan_in_fan_out = is_fan_in_fan_out(module)
+    shape = tuple(module.weight.shape[::-1] if fan_in_fan_out else module.weight.shape)
+    numel = shape[0] * shape[1]
+    blocks = -(-numel // blocksize)
+    meta = {"device": "meta"}
+    fields = {"packed": torch.empty((numel + 1) // 2, dtype=torch.uint8, **meta),
+              "shape": shape, "dtype": compute_dtype, "blocksize": blocksize,
+              "code": lookup_tables("cpu")["code"]}
+    if double_quant:
+        fields.update(absmax=torch.empty(blocks, dtype=torch.uint8, **meta), offset=0.0,
+                      nested_absmax=torch.empty(-(-blocks // NF4Weight.nested_blocksize),
+                                                dtype=torch.float32, **meta),
+                      nested_code=lookup_tables("cpu")["nested_code"].clone())
+    else:
+        fields["absmax"] = torch.empty(blocks, dtype=torch.float32, **meta)
+    bias = None if getattr(module, "bias", None) is None else \
+        torch.empty(shape[0], dtype=compute_dtype, **meta)
+    return QuantizedLinear(NF4Weight(**fields), bias, compute_dtype=compute_dtype, buffer=buffer,
                            origin=QuantizedOrigin(fan_in_fan_out=fan_in_fan_out))
 
 
@@ -263,12 +290,12 @@ def _load_remaining(model: nn.Module, source: TensorSource, prefix: str,
     for name, param in params.items():
         if not param.is_meta:
             continue
-        key = _checkpoint_name(source, name, prefix)
+        key = checkpoint_name(source, name, prefix)
         if key is not None:
             _set_tensor(model, name, _float(source.get(key), dtype), is_param=True)
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     for name, buffer in model.named_buffers():
-        key = _checkpoint_name(source, name, prefix)
+        key = checkpoint_name(source, name, prefix)
         if key is not None and name.rpartition(".")[0] not in quantized:
             _set_tensor(model, name, _float(source.get(key), buffer.dtype), is_param=False)
     if getattr(model.config, "tie_word_embeddings", False):

@@ -98,11 +98,17 @@ def base_fingerprint(model: nn.Module) -> str:
     named = _plain_tensors(model)
     digest = hashlib.sha256()
     for name in sorted(named):
-        tensor = named[name].detach().cpu().contiguous()
-        header = [name, str(tensor.dtype), ",".join(str(d) for d in tensor.shape)]
-        digest.update(b"".join(part.encode() + b"\0" for part in header))
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        fingerprint_update(digest, name, named[name])
     return digest.hexdigest()
+
+
+def fingerprint_update(digest, name: str, tensor: torch.Tensor) -> None:
+    """Feed one tensor to a base fingerprint's sha256 (callers go in sorted name order); lets
+    a sharded loader hash a base one tensor at a time."""
+    tensor = tensor.detach().cpu().contiguous()
+    header = [name, str(tensor.dtype), ",".join(str(d) for d in tensor.shape)]
+    digest.update(b"".join(part.encode() + b"\0" for part in header))
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
 
 
 STATS_ALGORITHM = "l2-and-signed-sum-v1"
@@ -150,16 +156,18 @@ def _float_stats(tensor: torch.Tensor) -> dict:
 
 def base_tensor_stats(model: nn.Module) -> dict:
     """Per-tensor statistics of the frozen base that survive a dtype copy (module docstring)."""
-    stats = {}
-    for name, tensor in sorted(_plain_tensors(model).items()):
-        entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
-        if tensor.is_floating_point():
-            entry.update(_float_stats(tensor))
-        else:
-            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            entry["sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
-        stats[name] = entry
-    return stats
+    return {name: tensor_stats(tensor) for name, tensor in sorted(_plain_tensors(model).items())}
+
+
+def tensor_stats(tensor: torch.Tensor) -> dict:
+    """One tensor's entry of :func:`base_tensor_stats` (a sharded loader's one at a time)."""
+    entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    if tensor.is_floating_point():
+        entry.update(_float_stats(tensor))
+    else:
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        entry["sha256"] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    return entry
 
 
 def _float_close(saved: dict, actual: dict) -> bool:

@@ -5,6 +5,8 @@ Under ``torchrun ... finetune --fsdp`` every transformer block, and then the mod
 handed to :func:`torch.distributed.fsdp.fully_shard`: each process keeps 1/N of every
 parameter (frozen base, NF4 codes and scales, LoRA matrices), their gradients and AdamW's
 moments; a block's parameters are all-gathered for its forward and backward and freed after.
+The all-gather is asynchronous (``set_unshard_async_op``), so its flat output buffer is freed
+as soon as it is copied into the unit's parameters: at most one unit's gather buffer lives.
 
 Gradients are SUMMED over processes (the divide factor is 1), as :mod:`distributed` does for
 DDP: each process divides its summed token loss by the global token count, so N processes
@@ -135,6 +137,10 @@ def shard_blocks(model: nn.Module, blocks: list, info: DistInfo,
         if isinstance(module, FSDPModule):  # a plain SUM (gloo has no pre-scaled sum)
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    # each all-gather's flat buffer is freed right after its copy-out, not kept until the next
+    # unit's copy-out (FSDP2's default in forward, for overlap): one gathered unit, not two
+    unshard_async = getattr(model, "set_unshard_async_op", None) or model._set_unshard_async_op
+    unshard_async(True)  # public in newer torch; torch 2.13 names it with an underscore
     return model
 
 

@@ -287,16 +287,29 @@ def _block_bytes(spec: ModelSpec, s: PlanSettings) -> int:
 
 
 def _fsdp_details(spec: ModelSpec, s: PlanSettings, details: dict) -> dict:
-    """Per-device details under FSDP2: sharded state is 1/devices of the whole; the root unit
-    (embeddings, head) is gathered for the whole step, and two blocks at a time (the one
-    computing and the one prefetched), each less the device's own shard."""
+    """Per-device details under FSDP2 (minituner.training.fsdp's settings).
+
+    Sharded state is 1/devices of the whole. A gathered unit is a full copy beside the
+    device's own shard: FSDP2 all-gathers into one flat buffer of the whole unit, then copies
+    it out into the unit's unsharded parameters, so at the copy-out both are alive (the
+    buffer is freed right after: ``set_unshard_async_op``). The root unit (embeddings, head,
+    final norm) is gathered first and stays unsharded for the whole step; at its copy-out no
+    activation exists yet. Later the activations grow while one block at a time is gathered
+    (its copy and its buffer), and no block is gathered while the loss holds its logits.
+    So the peak is the shards, the unsharded root, and the largest of: the root's gather
+    buffer, the activations, the activations before the loss plus two block copies.
+    """
     n = s.devices
+    if n == 1:  # one process: nothing is sharded or gathered
+        return details
     out = {k: -(-v // n) if k.startswith(SHARDED_PREFIXES) else v for k, v in details.items()}
-    others = (n - 1) / n  # a gathered unit adds what the other devices hold
     root = _root_params(spec) * DTYPE_BYTES[s.base_dtype]
-    out["weights.fsdp_gathered_root"] = int(root * others)
-    out["weights.fsdp_gathered_blocks"] = int(min(2, spec.n_layers) * _block_bytes(spec, s)
-                                              * others)
+    activations = sum(v for k, v in out.items() if k.startswith("activations."))
+    before_loss = activations - out["activations.logits_transient"]
+    blocks = 2 * _block_bytes(spec, s)
+    out["weights.fsdp_unsharded_root"] = root
+    out["weights.fsdp_gather_buffers"] = max(root, activations, before_loss + blocks) \
+        - activations
     return out
 
 
