@@ -136,7 +136,7 @@ def method_config(cfg, changes: dict, seed: int):
 
 
 def plan_runs(chosen, ranks, seeds, ablation_seeds, method_seeds, framecv_seeds, variant_seeds,
-              qlora_epochs: float, qlora_setting: dict) -> tuple:
+              qlora_epochs: float, qlora_setting: dict, methods=None, folds=FOLDS) -> tuple:
     """(jobs, layout): every run after the learning-rate search, and {group: {key: [folders in
     seed order]}} saying where each group's runs are."""
     first = chosen.seed
@@ -173,12 +173,12 @@ def plan_runs(chosen, ranks, seeds, ablation_seeds, method_seeds, framecv_seeds,
     layout["methods"]["lora"] = [lora.get(s, f"seeds/seed{s}") for s in method_seeds]
     jobs += [Job(f"seeds/seed{s}", dataclasses.replace(chosen, seed=s))
              for s in sorted(set(ablation_seeds) | set(method_seeds)) if s not in lora]
-    for name, changes in METHODS.items():
+    for name, changes in (METHODS if methods is None else methods).items():
         names = [f"methods/{name}/seed{s}" for s in method_seeds]
         layout["methods"][name] = names
         jobs += [Job(n, method_config(chosen, changes, s))
                  for n, s in zip(names, method_seeds, strict=True)]
-    for fold in FOLDS if framecv_seeds else ():
+    for fold in folds if framecv_seeds else ():
         names = [f"framecv/fold{fold}-seed{s}" for s in framecv_seeds]
         layout["framecv"][str(fold)] = names
         jobs += [Job(n, dataclasses.replace(chosen, seed=s), frames=fold_frames(fold))
@@ -201,10 +201,10 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
                    command: str = "", repeat_seeds=REPEAT_SEEDS, ablation_seeds=ABLATION_SEEDS,
                    method_seeds=METHOD_SEEDS, framecv_seeds=FRAMECV_SEEDS, variant_seeds=(),
                    workers: int = DEFAULT_WORKERS, progress=None, on_run=None,
-                   results_path=None) -> dict:
+                   results_path=None, methods=None, folds=FOLDS) -> dict:
     """Run everything into ``out_dir`` on ``workers`` processes; returns experiment.json's
     content (empty ``framecv_seeds`` / ``variant_seeds``: no cross-validation / variant
-    table)."""
+    table; ``methods`` and ``folds`` default to :data:`METHODS` and all 10 folds)."""
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
     qlora_setting = QLORA_SETTING if qlora_setting is None else qlora_setting
     jobs, layout = plan_runs(chosen, list(ranks or DEFAULT_RANKS), seeds, list(ablation_seeds),
                              list(method_seeds), list(framecv_seeds), list(variant_seeds),
-                             qlora_epochs, qlora_setting)
+                             qlora_epochs, qlora_setting, methods, folds)
     full_lr = search["full"]["chosen_lr"]
     jobs = [dataclasses.replace(j, cfg=dataclasses.replace(j.cfg, lr=full_lr))
             if j.cfg.method == "full" else j for j in jobs]
@@ -317,7 +317,7 @@ def method_table(out: Path, layout: dict) -> dict:
     for name, entry in table.items():
         entry["changes"] = METHODS.get(name, {})
     best = max(table, key=lambda n: table[n]["validation_irregular_accuracy_tuned"]["mean"])
-    order = [name for name in ("lora", *METHODS) if name in table]
+    order = ["lora"] + sorted(name for name in table if name != "lora")
     return {"order": order, "variants": table, "chosen": best, "rule": METHOD_RULE}
 
 
