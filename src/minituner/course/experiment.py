@@ -20,6 +20,7 @@ own and the summaries read the runs in a fixed order (only wall times differ).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -258,6 +259,7 @@ def run_experiment(out_dir, cfg, base=None, lr_grid=DEFAULT_LR_GRID, ranks=None,
         experiment["runs"]["variants"] = "variants"
         experiment["variants_wall_s"] = runs_wall
     experiment["wall_s"] = time.perf_counter() - started
+    experiment["load_average_at_end"] = list(os.getloadavg())  # 1, 5, 15 min: other jobs too
     atomic_write_json(out / "experiment.json", experiment)
     atomic_write_json(out / "summary.json", phase28(out))  # what the report's tables read
     write_report([out], out / "REPORT.md")
@@ -394,6 +396,8 @@ def phase28(out_dir) -> dict:
     return {
         "command": experiment["command"], "seed": experiment["seed"],
         "wall_s": experiment["wall_s"], "workers": experiment["workers"],
+        "runs_wall_s": experiment["runs_wall_s"],
+        "load_average_at_end": experiment["load_average_at_end"],
         "interval_note": INTERVAL_NOTE,
         "lora_r8": {k: lora[k] for k in keys} | {"control_ppl_change_by_tense": by_tense(lora)},
         "full_ft": {k: full[k] for k in keys} | {"control_ppl_change_by_tense": by_tense(full)},
