@@ -111,7 +111,8 @@ def _without_timing(value):
     """``value`` with wall times, memory peaks and absolute paths left out."""
     if isinstance(value, dict):
         return {k: _without_timing(v) for k, v in value.items()
-                if "wall_s" not in k and k not in ("workers", "command", "base", "peak_rss_bytes")}
+                if "wall_s" not in k and k not in ("workers", "command", "base",
+                                                   "load_average_at_end")}
     if isinstance(value, list):
         return [_without_timing(v) for v in value]
     return value
