@@ -175,10 +175,10 @@ def sweep_section(sweep_dir: Path, rel) -> list:
         "", f"Elbow: **r = {sweep['elbow_rank']}** (rule: {sweep['elbow_rule']}). Same data, "
         f"{cfg.get('steps') or DEFAULT_STEPS} steps, lr {cfg['lr']:g}, seeds "
         f"{sweep.get('seeds', cfg.get('seed'))} at every rank (irregular: mean ± std [95% "
-        "interval]; other columns: means); "
-        (f"all runs after the learning-rate search, the sweep's among them, took "
-         f"{sweep['wall_s']:.1f} s on the workers." if "stats" in sweep else
-         f"sweep wall time {sweep['wall_s']:.1f} s."), "",
+        "interval]; other columns: means); " + (
+            f"all runs after the learning-rate search, the sweep's among them, took "
+            f"{sweep['wall_s']:.1f} s on the workers." if "stats" in sweep else
+            f"sweep wall time {sweep['wall_s']:.1f} s."), "",
         f"![rank sweep]({rel(sweep_dir / 'sweep.png')})", ""]
 
 
