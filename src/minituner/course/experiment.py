@@ -55,9 +55,9 @@ ABLATION = {  # name -> (replay, kl, replay_nll)
 # setting) control perplexity rose 14%; three quarters replay keeps it near 3%.
 QLORA_SETTING = {"batch_size": 16, "replay": 0.75}
 # Method variants for the goals: changes to the chosen r = 8 LoRA config. In single-seed
-# trials on the demo base, 1.5x the steps (900) raised form choice (0.63 -> 0.74) and
-# new-shape regular accuracy; no LoRA dropout raised both too (0.73, 0.89) and the Spanish
-# slices most.
+# trials on a separately pretrained base, 1.5x the steps (900) raised form choice (0.63 ->
+# 0.74) and new-shape regular accuracy; no LoRA dropout raised both too (0.73, 0.89) and the
+# Spanish slices most.
 METHODS = {
     "steps-1.5x": {"steps_factor": 1.5},  # 900 steps instead of 600, same schedule shape
     "dropout-0": {"dropout": 0.0},

@@ -326,13 +326,13 @@ def run_with_progress(base_dir: str | Path, out_dir: str | Path, cfg: FinetuneCo
                       progress: ProgressSink | None = None, *, resume: bool = False,
                       overwrite: bool = False, frames: dict | None = None) -> dict:
     """:func:`run_finetune` reporting to ``progress`` (closed when the run ends or fails)."""
-    callbacks = {}
+    callbacks = {} if frames is None else {"frames": frames}
     if progress is not None:
-        callbacks = {"on_start": lambda info: progress.start(info["steps"]),
-                     "on_step": progress.on_step}
+        callbacks |= {"on_start": lambda info: progress.start(info["steps"]),
+                      "on_step": progress.on_step}
     try:
         return run_finetune(base_dir, out_dir, cfg, resume=resume, overwrite=overwrite,
-                            frames=frames, **callbacks)
+                            **callbacks)
     finally:
         if progress is not None:
             progress.close()
