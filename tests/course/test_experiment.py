@@ -49,24 +49,44 @@ def test_tiny_experiment_writes_everything(tiny_base_run, tmp_path, capsys):
     results = root / "docs" / "results" / "phase-28.json"
     assert main(["experiment", "--base", str(tiny_base_run), "--out", str(out), "--steps", "2",
                  "--batch-size", "8", "--eval-every", "1", "--lr-grid", "1e-3",
-                 "--qlora-epochs", "0.02", "--repeat-seeds", "1", "--variant-seeds", "0,1",
+                 "--qlora-epochs", "0.02", "--repeat-seeds", "1", "--method-seeds", "0,1",
+                 "--framecv-seeds", "", "--variant-seeds", "0,1", "--workers", "1",
                  "--results-json", str(results)]) == 0
     for name in ("lora-r8", "full-ft", "qlora-r8", "ablation/none", "ablation/replay",
-                 "ablation/kl", "sweep/r32"):
+                 "ablation/kl", "sweep/r32", "sweep/r32-seed1", "seeds/seed1",
+                 "full-seeds/seed1", "qlora-seeds/seed1", "methods/dropout-0/seed1"):
         assert (out / name / "results.json").is_file(), name
     sweep = read_json(out / "sweep" / "sweep.json")
-    assert sweep["ranks"] == [0, 2, 4, 8, 16, 32]
+    assert sweep["ranks"] == [0, 2, 4, 8, 16, 32] and sweep["seeds"] == [0, 1]
     assert sweep["trainable_params"] == [2304 * r for r in sweep["ranks"]]
+    assert sweep["stats"]["8"]["irregular_accuracy"]["n"] == 2
     data = load_results(root)  # the quiz's reader accepts the file
     assert data["sweep"]["ranks"] == [2, 4, 8, 16, 32] and data["sweep"]["base"]["rank"] == 0
+    assert len(data["sweep"]["irregular_accuracy_ci95"]) == 5
     lora = read_json(out / "lora-r8" / "results.json")
+    for key in ("form_choice", "new_shape_irregular", "new_shape_regular", "spanish_irregular",
+                "spanish_form_choice", "validation_irregular"):
+        assert 0 <= lora[f"{key}_accuracy_tuned"] <= 1, key
+        assert data["lora_r8"][f"{key}_accuracy_tuned"] == lora[f"{key}_accuracy_tuned"]
+    assert "form-choice-past" in lora["slices_tuned"]
     assert data["lora_r8"]["control_ppl_change"] == lora["control_ppl_change"]
+    seeds = data["seeds"]["lora_r8"]
+    assert seeds["seeds"] == [0, 1] and seeds["irregular_accuracy_tuned"]["n"] == 2
+    assert seeds["control_ppl_change"]["values"][0] == lora["control_ppl_change"]
+    assert set(data["seeds"]) == {"lora_r8", "full_ft", "qlora"}
+    assert "t-interval" in data["interval_note"]
     assert set(data["ablation"]) == {"none", "replay", "kl", "both"}
     assert data["ablation"]["kl"]["replay_nll"] == 0.0
+    assert data["methods"]["order"][0] == "lora" and data["methods"]["chosen"] in data[
+        "methods"]["order"]
+    assert [g["key"] for g in data["goals"]["lora_r8"]][0] == "irregular_accuracy_tuned"
+    assert data["frame_cv"] is None
+    qlora = read_json(out / "qlora-r8" / "config.json")["finetune"]
+    assert (qlora["batch_size"], qlora["replay"]) == (16, 0.75)
+    assert "met_on_mean" in data["qlora"]["course_bar"]
     assert data["lora_r8_seeds"]["seeds"] == [0, 1]
-    assert data["lora_r8_seeds"]["control_ppl_change"][0] == lora["control_ppl_change"]
     assert "minituner experiment" in data["command"] and data["seed"] == 0
-    assert "--variant-seeds 0,1" in data["command"]
+    assert "--variant-seeds 0,1" in data["command"] and "--workers 1" in data["command"]
     variants = data["variants"]  # the plain-LoRA rows are the lora-r8 and seeds/ runs
     assert variants["order"] == ["lora", "dora", "pissa", "loraplus", "qlora", "loftq"]
     assert set(variants["variants"]) == set(variants["order"])
@@ -78,12 +98,47 @@ def test_tiny_experiment_writes_everything(tiny_base_run, tmp_path, capsys):
     assert (out / "variants" / "loftq" / "seed1" / "results.json").is_file()
     report = (out / "REPORT.md").read_text()
     for heading in ("Learning-rate search", "Anti-forgetting ablation", "Rank sweep", "QLoRA",
-                    "other seeds", "Adapter variants at r = 8"):
+                    "other seeds", "Adapter variants at r = 8", "Seeds and 95% intervals",
+                    "Goals", "Method variants for the goals", "course's bar"):
         assert heading in report
     assert (results.parent / "phase-28-variants.png").read_bytes()[:4] == b"\x89PNG"
     assert (results.parent / "phase-28-sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads(results.read_text()) == data
     assert Path(out / "sweep" / "sweep.png").is_file()
+
+
+def _without_timing(value):
+    """``value`` with wall times, memory peaks and absolute paths left out."""
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items()
+                if "wall_s" not in k and k not in ("workers", "command", "base",
+                                                   "load_average_at_end")}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_number_of_workers(tiny_base_run, tmp_path):
+    from minituner.course.experiment import run_experiment
+    from minituner.training.config import FinetuneConfig
+
+    cfg = FinetuneConfig(steps=2, batch_size=8, eval_every=1)
+    summaries = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_experiment(out, cfg, base=tiny_base_run, lr_grid=[1e-3], ranks=[0, 2],
+                       qlora_epochs=0.02, repeat_seeds=(1,), ablation_seeds=(0,),
+                       method_seeds=(0,), methods={"dropout-0": {"dropout": 0.0}},
+                       framecv_seeds=(0,), folds=(4,), workers=workers)
+        summaries.append(_without_timing(read_json(out / "summary.json")))
+        fold = read_json(out / "framecv" / "fold4-seed0" / "results.json")
+        assert fold["frames"]["test"] == ["past:4", "participle:4"]
+        assert fold["slices_tuned"]["irregular-past"]["n"] == 96  # one frame, every line
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["frame_cv"]["folds"]["4"]["validation_frames"] == ["past:5",
+                                                                          "participle:5"]
+    assert summaries[0]["frame_cv"]["worst_fold"] == "4"
 
 
 def test_lr_search_skips_a_diverging_learning_rate(monkeypatch, tmp_path):

@@ -33,14 +33,30 @@ def register(subparsers) -> None:
     parser.add_argument("--ranks", default="0,2,4,8,16,32", help="rank sweep ranks")
     parser.add_argument("--qlora-epochs", type=positive_float, default=1.0,
                         help="epochs of the QLoRA run (default 1)")
-    parser.add_argument("--qlora-batch-size", type=positive_int, default=8,
-                        help="batch size of the QLoRA run (default 8: more updates in its one "
-                             "epoch)")
-    parser.add_argument("--repeat-seeds", default="1,2",
-                        help="other seeds the r=8 run is repeated with (default 1,2; '' for none)")
-    parser.add_argument("--variant-seeds", default="0,1,2",
-                        help="seeds of the adapter-variant table (default 0,1,2; '' for no "
-                             "table)")
+    parser.add_argument("--qlora-batch-size", type=positive_int, default=16,
+                        help="batch size of the QLoRA runs (default 16, with --qlora-replay "
+                             "0.75: 4 SFT rows per step, 192 updates in its one epoch)")
+    parser.add_argument("--qlora-replay", type=float, default=0.75,
+                        help="replay fraction of the QLoRA runs (default 0.75)")
+    parser.add_argument("--repeat-seeds", default="1,2,3,4",
+                        help="other seeds of the r=8 LoRA, full FT, QLoRA and sweep runs "
+                             "(default 1,2,3,4: 5 seeds with --seed; '' for none)")
+    parser.add_argument("--ablation-seeds", default=None,
+                        help="seeds of the anti-forgetting ablation (default 0; --full 0,1,2)")
+    parser.add_argument("--method-seeds", default="0,1,2",
+                        help="seeds of the method variants for the goals (default 0,1,2)")
+    parser.add_argument("--framecv-seeds", default=None,
+                        help="seeds of each frame cross-validation fold (default 0; --full "
+                             "0,1,2; '' for none)")
+    parser.add_argument("--variant-seeds", default=None,
+                        help="seeds of the adapter-variant table (default none; --full 0,1,2)")
+    parser.add_argument("--full", action="store_true",
+                        help="also what does not fit the default's 30 minutes: the ablation "
+                             "and frame cross-validation with 3 seeds, the adapter-variant "
+                             "table (LoRA, DoRA, PiSSA, LoRA+, QLoRA, LoftQ; 3 seeds)")
+    parser.add_argument("--workers", type=positive_int, default=2,
+                        help="worker processes for the runs (default 2; results do not depend "
+                             "on it)")
     parser.add_argument("--only", choices=("variants",), default=None,
                         help="run one part alone on an existing --base: 'variants' is the "
                              "adapter-variant table (LoRA, DoRA, PiSSA, LoRA+, QLoRA, LoftQ at "
@@ -73,7 +89,9 @@ def _grid(text: str) -> list:
 
 # Flags of the whole experiment that --only variants does not use, with their defaults.
 WHOLE_EXPERIMENT_FLAGS = {"lr_grid": "1e-3,3e-3,1e-2", "ranks": "0,2,4,8,16,32",
-                          "qlora_epochs": 1.0, "qlora_batch_size": 8, "repeat_seeds": "1,2",
+                          "qlora_epochs": 1.0, "qlora_batch_size": 16, "qlora_replay": 0.75,
+                          "repeat_seeds": "1,2,3,4", "ablation_seeds": None,
+                          "method_seeds": "0,1,2", "framecv_seeds": None, "full": False,
                           "results_json": None}
 
 
@@ -106,9 +124,14 @@ def canonical_command(args) -> str:
     parts += ["--lr-grid", args.lr_grid, "--ranks", args.ranks,
               "--qlora-epochs", f"{args.qlora_epochs:g}",
               "--qlora-batch-size", str(args.qlora_batch_size),
+              "--qlora-replay", f"{args.qlora_replay:g}",
               "--repeat-seeds", args.repeat_seeds, "--threads", str(args.threads or 1)]
-    if args.variant_seeds != "0,1,2":
-        parts += ["--variant-seeds", args.variant_seeds]
+    for key in ("ablation_seeds", "method_seeds", "framecv_seeds", "variant_seeds"):
+        if getattr(args, key) is not None and getattr(args, key) != WHOLE_DEFAULTS.get(key):
+            parts += ["--" + key.replace("_", "-"), getattr(args, key)]
+    if args.full:
+        parts.append("--full")
+    parts += ["--workers", str(args.workers)]
     if args.config:
         parts += ["--config", args.config]
     if args.only:
@@ -135,19 +158,66 @@ def run(args) -> int:
               f"{results['best_val_loss']:.4f}", flush=True)
 
     if args.only == "variants":
+        if args.variant_seeds is None:
+            args.variant_seeds = "0,1,2"
         return run_variants_only(args, cfg, on_run)
+    if not 0 <= args.qlora_replay < 1:
+        raise ValueError(f"--qlora-replay must be a fraction in [0, 1), got {args.qlora_replay}")
+    seeds = {key: _seeds(_seed_text(args, key), "--" + key.replace("_", "-"))
+             for key in ("ablation_seeds", "method_seeds", "framecv_seeds", "variant_seeds")}
+    for key in ("ablation_seeds", "method_seeds"):
+        if not seeds[key]:
+            raise ValueError(f"--{key.replace('_', '-')} cannot be empty")
     experiment = run_experiment(
         args.out, cfg, base=args.base, lr_grid=_grid(args.lr_grid),
         ranks=parse_ranks(args.ranks), qlora_epochs=args.qlora_epochs,
-        qlora_batch_size=args.qlora_batch_size, command=command,
-        repeat_seeds=_seeds(args.repeat_seeds),
-        variant_seeds=_seeds(args.variant_seeds, "--variant-seeds"),
-        progress=Progress("experiment"), on_run=on_run, results_path=args.results_json,
+        qlora_setting={"batch_size": args.qlora_batch_size, "replay": args.qlora_replay},
+        command=command, repeat_seeds=_seeds(args.repeat_seeds), **seeds,
+        workers=args.workers,
+        progress=Progress("experiment") if args.workers == 1 else RunsProgress("experiment"),
+        on_run=on_run, results_path=args.results_json,
     )
-    print(f"experiment done in {experiment['wall_s']:.1f} s (sweep {experiment['sweep_wall_s']:.1f}"
-          f" s): report {args.out}/REPORT.md"
-          + (f", results {args.results_json}" if args.results_json else ""))
+    print(f"experiment done in {experiment['wall_s']:.1f} s on {args.workers} worker(s) (runs "
+          f"after the lr search {experiment['runs_wall_s']:.1f} s): report "
+          f"{args.out}/REPORT.md" + (f", results {args.results_json}" if args.results_json
+                                     else ""))
     return 0
+
+
+WHOLE_DEFAULTS = {"ablation_seeds": "0", "method_seeds": "0,1,2", "framecv_seeds": "0",
+                  "variant_seeds": ""}
+FULL_DEFAULTS = {"ablation_seeds": "0,1,2", "framecv_seeds": "0,1,2", "variant_seeds": "0,1,2"}
+
+
+def _seed_text(args, key: str) -> str:
+    """A seed flag's text: as given, else its --full or default value."""
+    value = getattr(args, key)
+    if value is not None:
+        return value
+    return (FULL_DEFAULTS if args.full else WHOLE_DEFAULTS).get(key, WHOLE_DEFAULTS[key])
+
+
+class RunsProgress:
+    """A tqdm bar counting finished runs (worker processes report runs, not steps)."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def start(self, total: int) -> None:
+        """Open the bar for ``total`` runs."""
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=self.desc, unit="run", dynamic_ncols=True)
+
+    def on_step(self, record: dict) -> None:
+        """One more run finished."""
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """Close the bar if it was opened."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run_variants_only(args, cfg, on_run) -> int:

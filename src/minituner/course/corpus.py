@@ -121,7 +121,16 @@ def render(verb: str, tense: str, person: str, frame_index: int, complement: int
            en_form: str | None = None, es_form: str | None = None) -> Sentence:
     """Fill one frame; ``en_form`` / ``es_form`` override the verb forms (mis-conjugations,
     fill-in-the-blank frames)."""
-    en_t, es_t = FRAMES[tense][frame_index]
+    en, es = fill_frame(FRAMES[tense][frame_index], verb, tense, person, complement,
+                        en_form, es_form)
+    return Sentence(en, es, verb, tense, person, f"{tense}:{frame_index}", complement)
+
+
+def fill_frame(templates: tuple, verb: str, tense: str, person: str, complement: int,
+               en_form: str | None = None, es_form: str | None = None) -> tuple:
+    """(english, spanish) of an (english, spanish) frame template filled for one verb, person
+    and complement (``en_form`` / ``es_form`` override the verb forms)."""
+    en_t, es_t = templates
     c_en, c_es = V.ENGLISH[verb].complements[complement]
     person_is_3sg = person.startswith("3sg")
     en = en_t.format(
@@ -135,7 +144,7 @@ def render(verb: str, tense: str, person: str, frame_index: int, complement: int
         s=V.SUBJECTS_ES[person], v=es_form or spanish_form(verb, tense, person), c=" " + c_es,
         h=V.HABER[slot], p=V.PODER[slot],
     )
-    return Sentence(en, es, verb, tense, person, f"{tense}:{frame_index}", complement)
+    return en, es
 
 
 def all_sentences() -> list:

@@ -129,13 +129,29 @@ def _fits(tokenizer, example: dict) -> bool:
     return True
 
 
-def build_sft_set(irregular_records: list, tokenizer, seed: int = FRAME_SPLIT_SEED) -> dict:
+def fold_frames(fold: int) -> dict:
+    """Frame cross-validation fold ``fold`` (0-9): frame ``fold`` of each tense tests, frame
+    ``fold + 1`` (mod 10) validates, the other 8 train."""
+    count = len(corpus.FRAMES["past"])
+    if not 0 <= fold < count:
+        raise ValueError(f"fold must be in 0..{count - 1}, got {fold}")
+    test = [f"{t}:{fold}" for t in BLANK_TENSES]
+    validation = [f"{t}:{(fold + 1) % count}" for t in BLANK_TENSES]
+    train = [f"{t}:{i}" for t in BLANK_TENSES for i in range(count)
+             if f"{t}:{i}" not in test + validation]
+    return {"train": sorted(train), "validation": validation, "test": test}
+
+
+def build_sft_set(irregular_records: list, tokenizer, seed: int = FRAME_SPLIT_SEED,
+                  frames: dict | None = None) -> dict:
     """The irregular-verb SFT examples by split ({"train": [...], ...}), English + Spanish.
 
     For each verb, tense and frame, ``EXAMPLES_PER_CELL`` person/complement combinations are
-    drawn (seeded) among those whose English and Spanish sequences fit the context.
+    drawn (seeded) among those whose English and Spanish sequences fit the context. ``frames``
+    (default :func:`split_frames`) says which split each frame goes to; the examples drawn do
+    not depend on it.
     """
-    frames = split_frames(seed)
+    frames = frames or split_frames(seed)
     split_of = {frame: name for name, keys in frames.items() for frame in keys}
     cells: dict = {}
     for record in irregular_records:

@@ -37,11 +37,22 @@ from minituner.training.evaluation import perplexity, summed_nll
 from minituner.training.sampling import collate
 from minituner.util.jsonl import read_jsonl
 
-BUILTIN_PROBES = ("irregular_past", "irregular_participle", "regular_control", "misconjugation")
+BUILTIN_PROBES = ("irregular_past", "irregular_participle", "regular_control", "misconjugation",
+                  "form_choice", "new_shapes", "spanish", "validation_frames")
 BUILTIN_CONTROL = "control_set"  # probes/control_set.jsonl: control lines, not probes
 IRREGULAR_SLICES = ("irregular-past", "irregular-participle")
 REGULAR_SLICE = "regular-control"
 REQUIRED_FIELDS = ("prompt", "candidates", "answer", "slice")
+SLICE_GROUPS = {  # pooled accuracy name -> slices (the harder slices of course/slices.py)
+    "form_choice": ("form-choice-past", "form-choice-participle"),
+    "new_shape_irregular": ("new-shape-irregular",),
+    "new_shape_regular": ("new-shape-regular",),
+    "spanish_irregular": ("es-irregular-past", "es-irregular-participle"),
+    "spanish_form_choice": ("es-form-choice",),
+    "spanish_new_shape_irregular": ("es-new-shape-irregular",),
+    "spanish_new_shape_regular": ("es-new-shape-regular",),
+    "validation_irregular": ("val-irregular-past", "val-irregular-participle"),
+}
 
 
 def builtin_path(name: str) -> Path:
@@ -227,4 +238,5 @@ def evaluate_model(model, tokenizer, probes: list, control: list) -> dict:
         "control_ppl": control_perplexity(model, tokenizer, control),
         "irregular_accuracy": pooled_accuracy(slices, IRREGULAR_SLICES),
         "regular_accuracy": pooled_accuracy(slices, (REGULAR_SLICE,)),
+        "groups": {name: pooled_accuracy(slices, names) for name, names in SLICE_GROUPS.items()},
     }

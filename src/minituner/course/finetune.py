@@ -24,13 +24,16 @@ import torch
 
 from minituner.course import corpus, data
 from minituner.course.evaluate import (
+    SLICE_GROUPS,
     builtin_path,
     control_perplexity,
     evaluate_model,
     load_builtin_probes,
 )
 from minituner.course.objectives import make_loss_fn, token_kl
+from minituner.course.probesets import irregular_probes
 from minituner.course.qlora_eval import qlora_comparison
+from minituner.course.slices import form_choice_probes
 from minituner.lora import disable_adapters, lora_state_dict, wrap_minigpt_with_lora
 from minituner.lora.adapters import base_fingerprint, base_tensor_stats, save_adapter
 from minituner.lora.init import BASE_CHANGING_INITS
@@ -86,8 +89,20 @@ def control_records(base_dir) -> list:
     return read_jsonl(builtin_path("control_set"))
 
 
-def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig) -> FinetuneData:
-    """SFT splits (built-in or the user's files), replay lines and the control set."""
+def frame_probes(base_dir, frames: dict) -> list:
+    """Probes of a frame split's test frames (over-regularised and form choice) and the
+    regular-verb control probes: what a cross-validation fold is scored on."""
+    records = read_jsonl(Path(base_dir) / "corpus" / "irregular.jsonl")
+    probes = [probe for tense in data.BLANK_TENSES
+              for probe in irregular_probes(records, tense, frames=frames["test"])]
+    probes += form_choice_probes(records, frames=frames["test"])
+    return probes + load_builtin_probes(("regular_control",))
+
+
+def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig,
+                 frames: dict | None = None) -> FinetuneData:
+    """SFT splits (built-in or the user's files; ``frames`` re-splits the built-in set by
+    frame), replay lines and the control set."""
     corpus_dir = Path(base_dir) / "corpus"
     unk = data.UnkReport()
     if cfg.train_data:
@@ -102,7 +117,8 @@ def prepare_data(base_dir: Path, tokenizer, cfg: FinetuneConfig) -> FinetuneData
     else:
         if not (corpus_dir / "irregular.jsonl").is_file():
             raise ValueError(f"{base_dir}: has no corpus/irregular.jsonl; pass --train-data")
-        sft = data.build_sft_set(read_jsonl(corpus_dir / "irregular.jsonl"), tokenizer)
+        sft = data.build_sft_set(read_jsonl(corpus_dir / "irregular.jsonl"), tokenizer,
+                                 frames=frames)
     if not sft["validation"]:
         raise ValueError("the validation split is empty: give more examples or --val-data")
     replay: list = []
@@ -176,8 +192,9 @@ class MiniGPTBackend:
 
     run_kind = "finetune"
 
-    def __init__(self, base_dir: str | Path):
+    def __init__(self, base_dir: str | Path, frames: dict | None = None):
         self.base_dir = Path(base_dir)
+        self.frames = frames  # a cross-validation fold's frame split (None: the fixed one)
         self.model = self.tokenizer = self.data = self.reference = None
         self.probes, self.before = None, None
         self.original: dict = {}  # base-changing inits: the original base's record, A0 and B0
@@ -189,7 +206,10 @@ class MiniGPTBackend:
     def prepare(self, cfg: FinetuneConfig) -> pipeline.Prepared:
         """Load the base run and the SFT, replay and control data."""
         self.model, self.tokenizer, _ = load_base_run(self.base_dir)
-        self.data = prepared = prepare_data(self.base_dir, self.tokenizer, cfg)
+        if self.frames is not None and cfg.train_data:
+            raise ValueError("a frame cross-validation fold uses the built-in examples; "
+                             "drop --train-data")
+        self.data = prepared = prepare_data(self.base_dir, self.tokenizer, cfg, self.frames)
         identity = {
             "model": self.model.config.to_dict(),
             "base": {"path": str(self.base_dir.resolve()),
@@ -209,7 +229,8 @@ class MiniGPTBackend:
 
     def evaluate_before(self, cfg: FinetuneConfig) -> None:
         """Probe accuracies and control perplexity of the base."""
-        self.probes = load_builtin_probes()
+        self.probes = (load_builtin_probes() if self.frames is None
+                       else frame_probes(self.base_dir, self.frames))
         self.before = self._evaluate(self.model)
 
     def build_trainable(self, cfg: FinetuneConfig):
@@ -250,6 +271,8 @@ class MiniGPTBackend:
         results = _results(cfg, self.before, after, run.fit, run.steps, run.batches, run.model,
                            tensor_bytes)
         results["unk"] = self.data.unk.to_dict()
+        if self.frames is not None:
+            results["frames"] = self.frames
         if base_method(cfg.method) == "qlora":
             results["qlora"] = qlora_comparison(self.base_dir, run.model, cfg, self.data,
                                                 run.loss_fn, run.batches, self.tokenizer,
@@ -276,14 +299,15 @@ class MiniGPTBackend:
 
 def run_finetune(base_dir, out_dir, cfg: FinetuneConfig, resume: bool = False,
                  overwrite: bool = False, on_step=None, on_start=None,
-                 writer_enabled: bool = True) -> dict:
+                 writer_enabled: bool = True, frames: dict | None = None) -> dict:
     """Fine-tune the base in ``base_dir`` (``cfg.model`` when None) into the run folder
     ``out_dir``; returns results. ``on_start(info)`` and ``on_step(record)`` are progress
-    callbacks (the library never prints)."""
+    callbacks (the library never prints); ``frames`` is a cross-validation fold's frame split
+    (:func:`minituner.course.data.fold_frames`)."""
     base = base_dir if base_dir is not None else cfg.model
     if base is None:
         raise ValueError("--base: give the Mini-GPT base run folder")
-    return pipeline.run_finetune(MiniGPTBackend(base), cfg, out_dir, resume=resume,
+    return pipeline.run_finetune(MiniGPTBackend(base, frames), cfg, out_dir, resume=resume,
                                  overwrite=overwrite, on_step=on_step, on_start=on_start,
                                  writer_enabled=writer_enabled)
 
@@ -300,12 +324,12 @@ class ProgressSink(Protocol):
 
 def run_with_progress(base_dir: str | Path, out_dir: str | Path, cfg: FinetuneConfig,
                       progress: ProgressSink | None = None, *, resume: bool = False,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, frames: dict | None = None) -> dict:
     """:func:`run_finetune` reporting to ``progress`` (closed when the run ends or fails)."""
-    callbacks = {}
+    callbacks = {} if frames is None else {"frames": frames}
     if progress is not None:
-        callbacks = {"on_start": lambda info: progress.start(info["steps"]),
-                     "on_step": progress.on_step}
+        callbacks |= {"on_start": lambda info: progress.start(info["steps"]),
+                      "on_step": progress.on_step}
     try:
         return run_finetune(base_dir, out_dir, cfg, resume=resume, overwrite=overwrite,
                             **callbacks)
@@ -334,6 +358,8 @@ def _results(cfg, before: dict, after: dict, result, steps: int, batches, model,
         "control_ppl_by_tense_base": before["control_ppl_by_tense"],
         "control_ppl_by_tense_tuned": after["control_ppl_by_tense"],
         "slices_base": before["slices"], "slices_tuned": after["slices"],
+        **{f"{name}_accuracy_{when}": scores["groups"].get(name)
+           for name in SLICE_GROUPS for when, scores in (("base", before), ("tuned", after))},
         "trainable_params": trainable,
         "tensor_bytes": tensor_bytes,
         "peak_rss_note": PEAK_RSS_NOTE,

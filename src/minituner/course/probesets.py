@@ -13,6 +13,9 @@ The committed files in ``src/minituner/course/probes/`` (package data) are exact
 - misconjugation: whole-sentence detection (prompt ``___``): a correct line vs its labelled
   wrong twin, over-regularised pasts of the test frames and missing third-person -s lines of
   the pretraining test split.
+- form_choice, new_shapes, spanish, validation_frames: the harder slices of
+  :mod:`minituner.course.slices` (how each is built and why it is held out is documented
+  there).
 - control_set: regular-verb records of every tense from the pretraining test split.
 """
 
@@ -26,6 +29,13 @@ from pathlib import Path
 from minituner.course import verbs as V
 from minituner.course.data import BLANK, blank_pair, build_control_set, split_frames
 from minituner.course.pretraining import build_corpus
+from minituner.course.slices import (
+    form_choice_probes,
+    new_shape_probes,
+    spanish_test_probes,
+    wrong_regular_form,
+)
+from minituner.models.tokenizer import Tokenizer
 from minituner.util.jsonl import read_jsonl, write_jsonl
 
 
@@ -36,10 +46,11 @@ def _ordered(correct: str, wrong: str, rng: random.Random) -> list:
 
 
 def irregular_probes(irregular_records: list, tense: str, seed: int = 0,
-                     split: str = "test") -> list:
-    """Blank probes for every irregular line of the ``split`` frames of ``tense`` (the
-    validation frames give probes for choosing settings without looking at the test frames)."""
-    test_frames = set(split_frames()[split])
+                     split: str = "test", frames=None, prefix: str = "") -> list:
+    """Blank probes for every irregular line of the ``split`` frames (or of ``frames``) of
+    ``tense``; slices are named ``<prefix>irregular-<tense>`` (the validation frames give
+    probes for choosing settings without looking at the test frames)."""
+    test_frames = set(frames or split_frames()[split])
     rng = random.Random(f"{seed}:{tense}")
     probes = []
     for record in irregular_records:
@@ -49,20 +60,10 @@ def irregular_probes(irregular_records: list, tense: str, seed: int = 0,
         wrong = V.overregularised_past(record["verb"])
         probes.append({
             "prompt": pair["prompt"], "candidates": _ordered(pair["completion"], wrong, rng),
-            "answer": pair["completion"], "slice": f"irregular-{tense}",
+            "answer": pair["completion"], "slice": f"{prefix}irregular-{tense}",
             "verb": record["verb"], "person": record["person"], "frame": record["frame"],
         })
     return probes
-
-
-def wrong_regular_form(verb: str, tense: str, person: str) -> str:
-    """A plausible wrong form of a regular verb for a tense and person."""
-    ev = V.ENGLISH[verb]
-    if tense in ("past", "participle"):
-        return ev.base
-    if tense == "present":
-        return ev.base if person.startswith("3sg") else ev.third
-    return ev.past
 
 
 def regular_probes(control_records: list, seed: int = 0) -> list:
@@ -105,12 +106,21 @@ def builtin_sets(corpus_dir: str | Path) -> dict:
     irregular = read_jsonl(folder / "irregular.jsonl")
     test = read_jsonl(folder / "test.jsonl")
     control = build_control_set(test)
+    tokenizer = (Tokenizer.load(folder / "tokenizer.json")
+                 if (folder / "tokenizer.json").is_file() else None)
+    validation = [probe for tense in ("past", "participle")
+                  for probe in irregular_probes(irregular, tense, split="validation",
+                                                prefix="val-")]
     return {
         "irregular_past": irregular_probes(irregular, "past"),
         "irregular_participle": irregular_probes(irregular, "participle"),
         "regular_control": regular_probes(control),
         "misconjugation": misconjugation_probes(
             read_jsonl(folder / "misconjugations.jsonl"), test),
+        "form_choice": form_choice_probes(irregular, tokenizer=tokenizer),
+        "new_shapes": new_shape_probes(tokenizer=tokenizer),
+        "spanish": spanish_test_probes(irregular, tokenizer=tokenizer),
+        "validation_frames": validation,
         "control_set": control,
     }
 

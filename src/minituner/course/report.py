@@ -163,17 +163,22 @@ def sweep_section(sweep_dir: Path, rel) -> list:
              "| r | trainable params | irregular acc | regular acc | control ppl | "
              "change vs base |",
              "|---|---|---|---|---|---|"]
+    stats = sweep.get("stats") or {}
     for i, rank in enumerate(sweep["ranks"]):
+        irregular = stats.get(str(rank), {}).get("irregular_accuracy")
         lines.append(f"| {rank} | {sweep['trainable_params'][i]:,} | "
-                     f"{_acc(sweep['irregular_accuracy'][i])} | "
+                     f"{_stat(irregular) if irregular else _acc(sweep['irregular_accuracy'][i])} | "
                      f"{_acc(sweep['regular_accuracy'][i])} | {sweep['control_ppl'][i]:.4f} | "
                      f"{_pct(changes[i])} |")
     cfg = sweep["config"]
     return lines + [
         "", f"Elbow: **r = {sweep['elbow_rank']}** (rule: {sweep['elbow_rule']}). Same data, "
-        f"{cfg.get('steps') or DEFAULT_STEPS} steps, lr {cfg['lr']:g}, seed {cfg['seed']} at "
-        "every rank; "
-        f"sweep wall time {sweep['wall_s']:.1f} s.", "",
+        f"{cfg.get('steps') or DEFAULT_STEPS} steps, lr {cfg['lr']:g}, seeds "
+        f"{sweep.get('seeds', cfg.get('seed'))} at every rank (irregular: mean ± std [95% "
+        "interval]; other columns: means); " + (
+            f"all runs after the learning-rate search, the sweep's among them, took "
+            f"{sweep['wall_s']:.1f} s on the workers." if "stats" in sweep else
+            f"sweep wall time {sweep['wall_s']:.1f} s."), "",
         f"![rank sweep]({rel(sweep_dir / 'sweep.png')})", ""]
 
 
@@ -293,6 +298,99 @@ def experiment_sections(exp_dir: Path, rel) -> list:
     return lines + [""]
 
 
+def _stat(stats, show=_acc) -> str:
+    """'mean ± std [low, high]' of a seed summary (the mean alone for one seed)."""
+    if stats is None:
+        return "n/a"
+    if stats.get("std") is None:
+        return show(stats["mean"])
+    low, high = stats["ci95"]
+    return (f"{show(stats['mean'])} ± {show(stats['std']).lstrip('+')} "
+            f"[{show(low)}, {show(high)}]")
+
+
+SEED_COLUMNS = (("irregular_accuracy_tuned", "irregular", _acc),
+                ("form_choice_accuracy_tuned", "form choice", _acc),
+                ("new_shape_irregular_accuracy_tuned", "new-shape irregular", _acc),
+                ("regular_accuracy_tuned", "regular", _acc),
+                ("new_shape_regular_accuracy_tuned", "new-shape regular", _acc),
+                ("control_ppl_change", "control ppl change", _pct),
+                ("spanish_irregular_accuracy_tuned", "es irregular", _acc),
+                ("spanish_form_choice_accuracy_tuned", "es form choice", _acc),
+                ("spanish_new_shape_regular_accuracy_tuned", "es new-shape regular", _acc))
+
+
+def seeds_table(rows: dict) -> list:
+    """Markdown lines: one row per {name: seed_stats} entry, mean ± std [95% interval]."""
+    lines = ["| run | seeds | " + " | ".join(c[1] for c in SEED_COLUMNS) + " |",
+             "|" + "---|" * (len(SEED_COLUMNS) + 2)]
+    for name, stats in rows.items():
+        lines.append(f"| {name} | {stats['seeds']} | " + " | ".join(
+            _stat(stats.get(key), show) for key, _, show in SEED_COLUMNS) + " |")
+    return lines
+
+
+def goals_lines(table: list) -> list:
+    """Markdown lines: each goal with its mean, interval, threshold and whether it is met."""
+    lines = ["| goal | mean [95% interval] | threshold | met on the mean | whole interval |",
+             "|---|---|---|---|---|"]
+    for goal in table:
+        show = _pct if goal["key"] == "control_ppl_change" else _acc
+        ci = "" if goal["ci95"] is None else (f" [{show(goal['ci95'][0])}, "
+                                              f"{show(goal['ci95'][1])}]")
+        lines.append(f"| {goal['goal']} | {show(goal['mean'])}{ci} | {goal['sense']} "
+                     f"{show(goal['threshold'])} | {'yes' if goal['met'] else 'no'} | "
+                     f"{'yes' if goal['met_by_whole_interval'] else 'no'} |")
+    return lines
+
+
+def summary_sections(summary: dict) -> list:
+    """Markdown lines: seeds and intervals, goals, method variants, frame cross-validation and
+    the QLoRA bar (from the experiment's summary.json)."""
+    lines = ["### Seeds and 95% intervals", "",
+             f"Mean ± sample std [95% interval] over seeds. Interval: {summary['interval_note']}. "
+             "Test frames for irregular/form choice/regular; new shapes are frames the corpus "
+             "never uses.", ""] + seeds_table(summary["seeds"])
+    lines += ["", "### Goals (LoRA r = 8, mean over seeds)", ""]
+    lines += goals_lines(summary["goals"]["lora_r8"])
+    methods = summary["methods"]
+    lines += ["", "### Method variants for the goals", "",
+              "| variant | changes | validation-frame irregular | " +
+              " | ".join(c[1] for c in SEED_COLUMNS[:6]) + " |", "|" + "---|" * 9]
+    for name in methods["order"]:
+        entry = methods["variants"][name]
+        lines.append(f"| {name} | {json.dumps(entry['changes'])} | "
+                     f"{_stat(entry['validation_irregular_accuracy_tuned'])} | " + " | ".join(
+                         _stat(entry.get(key), show) for key, _, show in SEED_COLUMNS[:6]) + " |")
+    chosen = summary["goals"]["chosen_method"]
+    lines += ["", f"Chosen by validation: **{methods['chosen']}** (rule: {methods['rule']}). "
+              "Its goals:", ""] + goals_lines(chosen["table"])
+    cv = summary.get("frame_cv")
+    if cv:
+        lines += ["", "### Frame cross-validation (LoRA r = 8)", "", f"{cv['note']}.", "",
+                  "| fold | test frames | validation frames | seeds | irregular | form choice | "
+                  "control ppl change |", "|---|---|---|---|---|---|---|"]
+        for fold, entry in cv["folds"].items():
+            lines.append(f"| {fold} | {', '.join(entry['test_frames'])} | "
+                         f"{', '.join(entry['validation_frames'])} | {entry['seeds']} | "
+                         f"{_stat(entry['irregular_accuracy'])} | "
+                         f"{_stat(entry['form_choice_accuracy'])} | "
+                         f"{_stat(entry['control_ppl_change'], _pct)} |")
+        lines += ["", f"Mean over folds: irregular {_stat(cv['irregular_accuracy_mean'])}, "
+                  f"form choice {_stat(cv['form_choice_accuracy_mean'])}; worst fold "
+                  f"{cv['worst_fold']} (irregular {_acc(cv['worst_irregular_accuracy'])})."]
+    q = summary["qlora"]
+    bar = q["course_bar"]
+    lines += ["", "### QLoRA against the course's bar", "",
+              f"One epoch at batch {q['batch_size']}, replay {q['replay']:g}, KL {q['kl']:g}, "
+              f"lr {q['lr']:g}: irregular gain {_stat(q['irregular_gain_seeds'], _pct)} points "
+              f"(fraction x 100), control ppl change "
+              f"{_stat(summary['seeds']['qlora']['control_ppl_change'], _pct)}; bar (gain >= "
+              f"+10 points, change <= +5% on the mean): "
+              f"**{'met' if bar['met_on_mean'] else 'not met'}**.", ""]
+    return lines
+
+
 def transformers_section(runs: list, rel) -> list:
     """Markdown lines: one row per transformers fine-tuning run, and its command."""
     lines = ["## Transformers runs", "",
@@ -357,6 +455,8 @@ def write_report(folders, out_path, transformers_runs=()) -> Path:
                   f"{res['test_ppl']:.4f}, {res['params']:,} parameters.", ""]
     for exp_dir in found["experiments"]:
         lines += experiment_sections(exp_dir, rel)
+        if (exp_dir / "summary.json").is_file():
+            lines += summary_sections(_load(exp_dir / "summary.json"))
     if runs or transformers_runs:
         logs = {rel(r): [json.loads(x) for x in (r / "train_log.jsonl").read_text().splitlines()]
                 for r in runs + transformers_runs}

@@ -11,6 +11,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from minituner.course import stats as S
 from minituner.course.data import control_texts
 from minituner.course.evaluate import evaluate_model, load_builtin_probes
 from minituner.course.finetune import control_records, load_base, run_with_progress
@@ -20,6 +21,10 @@ from minituner.util.plots import plot_sweep
 ELBOW_TOLERANCE = 0.01
 ELBOW_RULE = ("smallest trained rank r >= 1 whose irregular accuracy is within 1 point (0.01) "
               "of the best irregular accuracy of the sweep")
+ELBOW_RULE_SEEDS = ("smallest trained rank r >= 1 whose 95% t-interval of the mean irregular "
+                    "accuracy over seeds reaches within 1 point (0.01) of the best rank's mean "
+                    "(upper end >= best mean - 0.01): a rank the seeds cannot tell from the "
+                    "best")
 DEFAULT_RANKS = (0, 2, 4, 8, 16, 32)
 
 
@@ -34,13 +39,55 @@ def parse_ranks(text: str) -> list:
     return ranks
 
 
-def elbow_rank(ranks: list, accuracy: list, tolerance: float = ELBOW_TOLERANCE) -> int | None:
-    """The elbow by :data:`ELBOW_RULE` (None when no rank >= 1 was trained)."""
-    trained = [(r, a) for r, a in zip(ranks, accuracy, strict=True) if r > 0]
+def elbow_rank(ranks: list, accuracy: list, tolerance: float = ELBOW_TOLERANCE,
+               upper: list | None = None) -> int | None:
+    """The elbow by :data:`ELBOW_RULE`, or with ``upper`` (each rank's upper 95% interval end)
+    by :data:`ELBOW_RULE_SEEDS` (None when no rank >= 1 was trained)."""
+    upper = upper or accuracy
+    trained = [(r, a, u) for r, a, u in zip(ranks, accuracy, upper, strict=True) if r > 0]
     if not trained:
         return None
-    best = max(a for _, a in trained)
-    return min(r for r, a in trained if a >= best - tolerance - 1e-12)
+    best = max(a for _, a, _ in trained)
+    return min(r for r, _, u in trained if u >= best - tolerance - 1e-12)
+
+
+def seeded_sweep(ranks: list, runs: dict, base: dict | None, cfg) -> dict:
+    """sweep.json's content from {rank: [(run folder, results) per seed]}: per-rank means (the
+    lists), every metric's seed summary and interval, and the elbow by the interval rule."""
+    metrics = {"irregular_accuracy": "irregular_accuracy_tuned",
+               "regular_accuracy": "regular_accuracy_tuned", "control_ppl": "control_ppl_tuned"}
+    stats = {}
+    for rank in ranks:
+        if rank == 0:
+            stats["0"] = {m: S.summarise([base[m]]) for m in metrics}
+            continue
+        stats[str(rank)] = {m: S.summarise([res[k] for _, res in runs[rank]])
+                            for m, k in metrics.items()}
+    means = {m: [stats[str(r)][m]["mean"] for r in ranks] for m in metrics}
+    upper = [(stats[str(r)]["irregular_accuracy"]["ci95"] or [0, stats[str(r)][
+        "irregular_accuracy"]["mean"]])[1] for r in ranks]
+    params = [0 if r == 0 else runs[r][0][1]["trainable_params"] for r in ranks]
+    summary = {"ranks": list(ranks), **means, "trainable_params": params,
+               "elbow_rank": elbow_rank(ranks, means["irregular_accuracy"], upper=upper),
+               "elbow_rule": ELBOW_RULE_SEEDS, "stats": stats, "interval_note": S.INTERVAL_NOTE,
+               "seeds": sorted({res["seed"] for runs_ in runs.values() for _, res in runs_}),
+               "config": {k: v for k, v in cfg.to_dict().items() if k not in ("rank", "seed")},
+               "runs": {str(r): [folder for folder, _ in runs.get(r, [])] for r in ranks}}
+    if base is not None:
+        summary["control_ppl_change"] = [p / base["control_ppl"] - 1.0
+                                         for p in means["control_ppl"]]
+    return summary
+
+
+def write_seeded_sweep(base_dir, out_dir, ranks: list, runs: dict, cfg, wall_s: float) -> dict:
+    """Write sweep.json and sweep.png (with 95% interval error bars) of a seeded sweep."""
+    out = Path(out_dir)
+    base = base_point(base_dir) if 0 in ranks else None
+    summary = seeded_sweep(ranks, runs, base, cfg)
+    summary["wall_s"] = wall_s
+    atomic_write_json(out / "sweep.json", summary)
+    plot_sweep(summary, out / "sweep.png")
+    return summary
 
 
 def base_point(base_dir) -> dict:

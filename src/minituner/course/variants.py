@@ -115,6 +115,20 @@ def run_variants(base_dir, out_dir, cfg: FinetuneConfig, seeds=DEFAULT_SEEDS, na
     return summary
 
 
+def write_variants(out_dir, rows: dict, cfg: FinetuneConfig, wall_s: float) -> dict:
+    """Write variants.json and variants.png from {variant: {seed: (run folder, results)}}
+    (folders relative to the experiment are made relative to ``out_dir``)."""
+    out = Path(out_dir)
+    rows = {name: {seed: (os.path.relpath(out.parent / folder, out), res)
+                   for seed, (folder, res) in by_seed.items()} for name, by_seed in rows.items()}
+    summary = summarise(rows, cfg)
+    summary["wall_s"] = wall_s
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "variants.json", summary)
+    plot_variants(summary, out / "variants.png")
+    return summary
+
+
 def summarise(rows: dict, cfg: FinetuneConfig) -> dict:
     """variants.json's content from {variant: {seed: (run folder, results)}}."""
     variants = {}

@@ -80,6 +80,11 @@ def _regular_es(infinitive: str) -> SpanishVerb:
     )
 
 
+def regular_spanish(infinitive: str) -> SpanishVerb:
+    """A Spanish verb conjugated by the regular rule (the learner's over-regularisation)."""
+    return _regular_es(infinitive)
+
+
 def _es(inf, present, preterite, future_stem, participle) -> SpanishVerb:
     future = tuple(future_stem + e for e in ("é", "ás", "á", "emos", "án"))
     return SpanishVerb(inf, tuple(present.split()), tuple(preterite.split()), future, participle)

@@ -65,12 +65,18 @@ def plot_sweep(sweep: dict, path: str | Path) -> Path:
     ranks = sweep["ranks"]
     xs = list(range(len(ranks)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    left.plot(xs, sweep["irregular_accuracy"], "o-", color="C0", label="irregular accuracy")
+    stats = sweep.get("stats") or {}
+    left.errorbar(xs, sweep["irregular_accuracy"], yerr=_interval_errors(sweep, stats,
+                  "irregular_accuracy"), fmt="o-", color="C0", capsize=4,
+                  label="irregular accuracy")
     if sweep.get("regular_accuracy"):
-        left.plot(xs, sweep["regular_accuracy"], "s--", color="C2", label="regular accuracy")
+        left.errorbar(xs, sweep["regular_accuracy"], yerr=_interval_errors(
+            sweep, stats, "regular_accuracy"), fmt="s--", color="C2", capsize=4,
+            label="regular accuracy")
     left.set_ylim(0, 1.02)
     left.set_ylabel("accuracy (held-out frames)")
-    right.plot(xs, sweep["control_ppl"], "o-", color="C3", label="control perplexity")
+    right.errorbar(xs, sweep["control_ppl"], yerr=_interval_errors(sweep, stats, "control_ppl"),
+                   fmt="o-", color="C3", capsize=4, label="control perplexity")
     right.set_ylabel("control perplexity")
     elbow = sweep.get("elbow_rank")
     for ax in (left, right):
@@ -84,11 +90,25 @@ def plot_sweep(sweep: dict, path: str | Path) -> Path:
         twin.set_ylabel("trainable parameters (bars)")
         lines, labels = ax.get_legend_handles_labels()
         ax.legend(lines, labels, loc="lower right", fontsize=8)
-    fig.suptitle(f"rank sweep (elbow r = {elbow})")
+    seeds = sweep.get("seeds")
+    shown = f", mean over seeds {seeds}, bars: 95% t-interval" if stats and seeds else ""
+    fig.suptitle(f"rank sweep (elbow r = {elbow}{shown})")
     fig.tight_layout()
     result = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return result
+
+
+def _interval_errors(sweep: dict, stats: dict, metric: str):
+    """Asymmetric error bars (below, above) from each rank's 95% interval; None without one."""
+    if not stats:
+        return None
+    below, above = [], []
+    for rank, mean in zip(sweep["ranks"], sweep[metric], strict=True):
+        ci = stats.get(str(rank), {}).get(metric, {}).get("ci95")
+        below.append(0.0 if ci is None else mean - ci[0])
+        above.append(0.0 if ci is None else ci[1] - mean)
+    return [below, above]
 
 
 def plot_variants(summary: dict, path: str | Path) -> Path:
