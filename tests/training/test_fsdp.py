@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 from hf_helpers import write_data
 from test_distributed import adapter, max_diff, torchrun
+from test_resume import wait_for_checkpoint
 
 from minituner.cli import main
-from minituner.training.checkpoint import checkpoint_steps
 from minituner.training.distributed import DistInfo
 from minituner.training.fsdp import check_fsdp_blocks, clip_gradients, full_tensors
 from minituner.util.files import read_json
@@ -74,13 +74,7 @@ def torchrun_killed(args: list, out, step: int) -> None:
     child = subprocess.Popen(launcher + args, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and child.poll() is None:
-            steps = [s for s, _ in checkpoint_steps(out)]
-            if steps and steps[-1] >= step:
-                break
-            time.sleep(0.01)
-        assert child.poll() is None, "the run finished before it could be killed"
+        wait_for_checkpoint(child, out, step, timeout=60)
         tree = process_tree(child.pid)
         assert len(tree) >= 3, tree  # torchrun and its 2 workers
         for pid in tree:

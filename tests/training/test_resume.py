@@ -29,18 +29,23 @@ def environment() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
+def wait_for_checkpoint(child: subprocess.Popen, out, step: int, timeout: float) -> None:
+    """Wait until ``out`` holds a checkpoint at ``step`` or later; ``child`` must still run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        steps = [s for s, _ in checkpoint_steps(out)]
+        if steps and steps[-1] >= step:
+            break
+        time.sleep(0.01)
+    assert child.poll() is None, "the run finished before it could be killed"
+
+
 def kill_at_checkpoint(cmd: list, out, step: int) -> None:
     """Run ``cmd`` and SIGKILL it once ``out`` holds a checkpoint at ``step`` or later."""
     child = subprocess.Popen(cmd, env=environment(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            steps = [s for s, _ in checkpoint_steps(out)]
-            if steps and steps[-1] >= step:
-                break
-            time.sleep(0.01)
-        assert child.poll() is None, "the run finished before it could be killed"
+        wait_for_checkpoint(child, out, step, timeout=120)
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait()
