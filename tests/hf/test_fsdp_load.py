@@ -23,13 +23,12 @@ from minituner.training.distributed import DistInfo
 CHILD = '''
 import json, sys
 import torch
-import torch.distributed as dist
 from minituner.hf.fsdp import NF4_SHARDED, load_sharded_base
 from minituner.hf.load import base_record, load_base
 from minituner.hf.models import apply_hf_lora
 from minituner.lora.adapters import base_fingerprint, base_tensor_stats
 from minituner.quant.qlora import QuantizedLinear
-from minituner.training.distributed import init_distributed
+from minituner.training.distributed import init_distributed, shutdown_distributed
 from minituner.training.fsdp import is_sharded
 
 model_dir, method, out = sys.argv[1:4]
@@ -81,7 +80,7 @@ result = {"compared": compared, "wrong": wrong, "halves": halves,
           == (one.get_output_embeddings().weight is one.get_input_embeddings().weight)}
 if info.rank == 0:
     open(out, "w").write(json.dumps(result))
-dist.destroy_process_group()
+shutdown_distributed()  # a barrier first: no rank tears gloo down under another
 '''
 
 
