@@ -1,7 +1,8 @@
 """Shard-wise loading under --fsdp (minituner.hf.fsdp.load_sharded_base): 2 CPU processes
 (gloo) each keep half of every layer, and the gathered base is byte for byte the one a single
 process loads: NF4 codes and scales, float tensors, buffers (GPT-2's attention mask, Llama's
-rotary table), the tied head, the fingerprint and tensor statistics, and LoRA's A."""
+rotary table), the tied head, the fingerprint and tensor statistics, and LoRA's A; the
+embedding and head are split by vocabulary rows (read a block of rows at a time)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from minituner.training.distributed import init_distributed, shutdown_distribute
 from minituner.training.fsdp import is_sharded
 
 model_dir, method, out = sys.argv[1:4]
+import minituner.hf.fsdp as hf_fsdp
+hf_fsdp.STREAMED_BLOCK_ELEMENTS = 1000  # the embedding is read in many blocks of rows
 info = init_distributed(torch.device("cpu"))
 record = base_record(model_dir, method, torch.float32)
 
@@ -75,6 +78,10 @@ reference = next(m for m in one.modules() if isinstance(m, QuantizedLinear)) \\
 result = {"compared": compared, "wrong": wrong, "halves": halves,
           "fingerprint": loaded.fingerprint == fingerprint, "stats": loaded.tensor_stats == stats,
           "offset": layer is None or layer.offset == reference.offset,
+          "split": type(loaded.model.get_input_embeddings()).__name__ == "VocabShardedEmbedding"
+          and type(loaded.model.get_output_embeddings()).__name__ == "VocabShardedHead",
+          "rows": loaded.model.get_input_embeddings().weight.to_local().shape[0],
+          "vocab": one.config.vocab_size,
           "tied": (loaded.model.get_output_embeddings().weight
                    is loaded.model.get_input_embeddings().weight)
           == (one.get_output_embeddings().weight is one.get_input_embeddings().weight)}
@@ -97,6 +104,8 @@ def test_sharded_load_gathers_to_the_one_process_base(tmp_path, toy_hf_model, ar
     result = json.loads(out.read_text())
     assert result["wrong"] == [] and result["compared"] > 20
     assert result["fingerprint"] and result["stats"] and result["offset"] and result["tied"]
+    # the embedding and head are split by vocabulary rows, never held whole (rank 0's part)
+    assert result["split"] and result["rows"] == -(-result["vocab"] // 2)
     if method == "qlora":
         assert result["halves"] > 0
 

@@ -166,8 +166,9 @@ def test_planner_shards_state_and_adds_gathered_units():
     two = plan_memory("llama-65b", method, **settings, devices=2, fsdp=True)
     assert two.details["weights.nf4_linears"] == -(-one.details["weights.nf4_linears"] // 2)
     assert two.buckets["optimizer"] < one.buckets["optimizer"]
-    root = two.details["weights.fsdp_unsharded_root"]  # 2 x 8192 x 32000 bf16
-    assert root == (2 * 8192 * 32000 + 8192) * 2
+    # the embedding and head are split by vocabulary rows: only the final norm is gathered
+    assert two.details["weights.fsdp_unsharded_root"] == 8192 * 2
+    assert two.details["weights.frozen_other"] == -(-one.details["weights.frozen_other"] // 2)
     assert two.details["weights.fsdp_gather_buffers"] >= 0
     assert two.buckets["activations"] == one.buckets["activations"]
     assert 0.5 * one.total_bytes < two.total_bytes < 0.6 * one.total_bytes
@@ -175,12 +176,31 @@ def test_planner_shards_state_and_adds_gathered_units():
         plan_memory("llama-65b", method, **settings, devices=0, fsdp=True)
 
 
+def test_planner_splits_a_frozen_vocabulary_over_the_devices():
+    from minituner.training.memory import plan_memory
+
+    settings = {"rank": 8, "seq": 64, "base_dtype": "fp32", "compute_dtype": "fp32",
+                "chunked_loss": True}
+    one = plan_memory("gpt2-small", "qlora", batch=4, **settings)
+    two = plan_memory("gpt2-small", "qlora", batch=2, devices=2, fsdp=True, **settings)
+    # gathered whole: the learned positions and the final LayerNorm, fp32
+    assert two.details["weights.fsdp_unsharded_root"] == (1024 * 768 + 2 * 768) * 4
+    # the loss: one chunk of this device's 25,129 vocabulary rows for both devices' 2 x 64
+    # tokens, fp32 in place, beside the gathered hidden states and their gradient sums
+    assert two.details["activations.logits_transient"] == 256 * 25129 * 4
+    assert two.details["activations.vocab_parallel_gathers"] == 256 * (768 * 8 + 12)
+    assert two.total_bytes < 0.5 * one.total_bytes
+
+
 def test_planner_peak_is_the_largest_of_root_gather_activations_and_blocks():
     from minituner.training.memory import plan_memory
 
-    settings = {"rank": 8, "seq": 64, "base_dtype": "fp32", "chunked_loss": True}
+    # a module trained in full keeps the embedding and head in the root unit, gathered whole
+    settings = {"rank": 8, "seq": 64, "base_dtype": "fp32", "chunked_loss": True,
+                "trained_modules_params": 1}
     small = plan_memory("gpt2-small", "qlora", batch=1, devices=2, fsdp=True, **settings)
     root = small.details["weights.fsdp_unsharded_root"]
+    assert root == (50257 * 768 + 1024 * 768 + 2 * 768) * 4
     # a short batch: the root's all-gather buffer (a second full root) sets the peak
     assert small.buckets["activations"] + small.details["weights.fsdp_gather_buffers"] == root
     large = plan_memory("gpt2-small", "qlora", batch=64, devices=2, fsdp=True, **settings)

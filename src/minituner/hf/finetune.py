@@ -46,8 +46,9 @@ from minituner.training import fsdp as F
 from minituner.training import pipeline
 from minituner.training.config import FinetuneConfig, base_method, parse_init
 from minituner.training.evaluation import make_validator
-from minituner.training.losses import masked_lm_nll, plain_output_head
+from minituner.training.losses import final_hidden_states, masked_lm_nll, plain_output_head
 from minituner.training.packing import is_packed, pack_sequences
+from minituner.training.vocab_parallel import VocabShardedHead, vocab_parallel_nll
 from minituner.util.files import release_freed_memory
 
 __all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "dropout_seed",
@@ -90,13 +91,18 @@ def make_hf_loss_fn(forward_model: nn.Module, device: torch.device):
 
     ``forward_model`` is the model to call (the DDP wrapper when distributed), so that DDP
     sees the forward and synchronises the gradients. The LM head and the loss run chunked
-    (:func:`minituner.training.losses.masked_lm_nll`) when the head is a plain Linear. A packed
+    (:func:`minituner.training.losses.masked_lm_nll`) when the head is a plain Linear, and
+    vocabulary-parallel (:func:`minituner.training.vocab_parallel.vocab_parallel_nll`) when
+    --fsdp split its rows over the processes. A packed
     batch (``--packing``) gets its block-diagonal mask and per-example positions
     (:func:`minituner.hf.packing.packed_inputs`).
     """
 
     inner = getattr(forward_model, "module", forward_model)  # DDP: .module
     head = plain_output_head(inner)
+    sharded_head = inner.get_output_embeddings()
+    if not isinstance(sharded_head, VocabShardedHead):
+        sharded_head = None
     dtype = inner.get_input_embeddings().weight.dtype
 
     def loss_fn(model, batch: dict) -> tuple:
@@ -107,6 +113,11 @@ def make_hf_loss_fn(forward_model: nn.Module, device: torch.device):
             inputs = {"attention_mask": padding_mask(batch["target_mask"]).to(device),
                       "position_ids": None}
         targets, mask = batch["targets"].to(device), batch["target_mask"].to(device)
+        if sharded_head is not None:  # --fsdp: the head's rows are split over processes
+            hidden = final_hidden_states(forward_model, ids, inputs["attention_mask"],
+                                         inputs["position_ids"])
+            labels = torch.where(mask.bool(), targets, -100)
+            return vocab_parallel_nll(hidden, sharded_head.weight, labels), mask.sum()
         if head is not None:
             return masked_lm_nll(forward_model, head, ids, inputs["attention_mask"], targets,
                                  mask, position_ids=inputs["position_ids"])

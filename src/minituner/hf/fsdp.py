@@ -23,12 +23,15 @@ the same full tensors one process would hold.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import types
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from minituner.hf.load import (
     TensorSource,
@@ -40,16 +43,22 @@ from minituner.hf.load import (
 from minituner.hf.models import ALL_LINEAR, fuse_activations, hf_dir, hf_targets, read_hf_config
 from minituner.hf.run import base_parameter_count
 from minituner.lora import lora_layers
-from minituner.lora.adapters import fingerprint_update, tensor_stats
+from minituner.lora.adapters import StreamedTensor, fingerprint_update, tensor_stats
 from minituner.lora.targets import set_submodule
 from minituner.quant.nf4_io import QUANT_STATE_KEY
 from minituner.quant.qlora import DequantBuffer, QuantizedLinear, parse_quant_scheme
 from minituner.training import fsdp as F
 from minituner.training.config import parse_init
 from minituner.training.distributed import DistInfo
+from minituner.training.vocab_parallel import (
+    VocabShardedEmbedding,
+    VocabShardedHead,
+    row_range,
+    vocab_sharded_parameter,
+)
 
 __all__ = ["FSDPForward", "NF4_SHARDED", "ShardedBase", "check_fsdp_settings",
-           "load_sharded_base", "nf4_as_parameters", "transformer_blocks"]
+           "load_sharded_base", "nf4_as_parameters", "shard_vocabulary", "transformer_blocks"]
 
 NF4_SHARDED = ("packed", "absmax", "nested_absmax", "bias")  # per-layer tensors FSDP shards
 
@@ -142,15 +151,36 @@ def load_sharded_base(record: dict, info: DistInfo, device: torch.device,
     blocks = transformer_blocks(model)
     F.check_fsdp_blocks(blocks, info)
     nf4_as_parameters(model)
+    replaced = shard_vocabulary(model, device) if info.enabled else {}
+    for unit in units:  # the split embedding and head are filled through their new modules
+        unit.module = replaced.get(unit.module, unit.module)
     F.shard_blocks(model, blocks, info,
-                   reduce_dtype=torch.float32 if dtype != torch.float32 else None)
+                   reduce_dtype=torch.float32 if dtype != torch.float32 else None,
+                   ignored_params={m.weight for m in replaced.values()})
     _allocate(model, device)
     digest, stats = hashlib.sha256(), {}
     for unit in units:
-        for name, tensor in _fill(unit, source, dtype):
-            fingerprint_update(digest, name, tensor)
-            stats[name] = tensor_stats(tensor)
+        _fill(unit, source, dtype, digest, stats)
     return ShardedBase(model, digest.hexdigest(), stats, base_params)
+
+
+def shard_vocabulary(model: nn.Module, device: torch.device) -> dict:
+    """Split a frozen ``nn.Embedding`` and a bias-free ``nn.Linear`` LM head by vocabulary rows
+    over the processes (:mod:`minituner.training.vocab_parallel`); a tied pair shares one split
+    tensor. Returns {replaced module: its split replacement}; empty, and nothing changes, when
+    the head is adapted, has a bias or is not a Linear (FSDP's root unit then holds them)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(embedding) is not nn.Embedding or type(head) is not nn.Linear or \
+            head.bias is not None or embedding.weight.requires_grad or head.weight.requires_grad:
+        return {}
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    rows = vocab_sharded_parameter(embedding.weight, mesh)
+    head_rows = rows if head.weight is embedding.weight else \
+        vocab_sharded_parameter(head.weight, mesh)
+    split_embedding, split_head = VocabShardedEmbedding(rows), VocabShardedHead(head_rows)
+    model.set_input_embeddings(split_embedding)
+    model.set_output_embeddings(split_head)
+    return {embedding: split_embedding, head: split_head}
 
 
 def _nf4_shells(model: nn.Module, record: dict, dtype: torch.dtype) -> None:
@@ -276,7 +306,21 @@ def _float(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _fill(unit: _Unit, source: TensorSource, dtype: torch.dtype) -> list:
+def _fill(unit: _Unit, source: TensorSource, dtype: torch.dtype, digest, stats: dict) -> None:
+    """Fill one module's shards from the checkpoint, and feed its tensors, as one process
+    holds them, to the base fingerprint ``digest`` and ``stats`` in sorted name order."""
+    module = unit.module
+    if isinstance(module, (VocabShardedEmbedding, VocabShardedHead)):
+        name = unit.prefix + "weight"
+        stats[name] = _stream_rows(module.weight, source, unit.keys["weight"], dtype, name,
+                                   digest)
+        return
+    for name, tensor in _filled(unit, source, dtype):
+        fingerprint_update(digest, name, tensor)
+        stats[name] = tensor_stats(tensor)
+
+
+def _filled(unit: _Unit, source: TensorSource, dtype: torch.dtype) -> list:
     """Fill one module's shards from the checkpoint; returns its (state_dict name, full
     tensor) pairs as one process holds them, in sorted order."""
     module = unit.module
@@ -303,3 +347,27 @@ def _fill(unit: _Unit, source: TensorSource, dtype: torch.dtype) -> list:
         if buffer is not None and name not in module._non_persistent_buffers_set:
             saved.setdefault(unit.prefix + name, buffer)
     return sorted(saved.items())
+
+
+STREAMED_BLOCK_ELEMENTS = 1 << 22  # rows read at a time: 16 MiB of fp32
+
+
+@torch.no_grad()
+def _stream_rows(param: nn.Parameter, source: TensorSource, key: str, dtype: torch.dtype,
+                 name: str, digest) -> dict:
+    """Fill a vocabulary-split matrix (this process's rows) from the checkpoint a block of rows
+    at a time, every row fed to the fingerprint and statistics: no process ever holds the whole
+    embedding or head. Returns the tensor's statistics entry."""
+    shape = source.shape(key)
+    streamed = StreamedTensor(digest, name, dtype, shape)
+    per_row = max(1, math.prod(shape[1:]))
+    block = max(1, STREAMED_BLOCK_ELEMENTS // per_row)
+    local, (mine, mine_stop) = param.to_local(), row_range(param)
+    for first in range(0, shape[0], block):
+        stop = min(first + block, shape[0])
+        rows = _float(source.rows(key, first, stop), dtype)
+        streamed.update(rows)
+        lo, hi = max(first, mine), min(stop, mine_stop)
+        if lo < hi:
+            local[lo - mine:hi - mine].copy_(rows[lo - first:hi - first])
+    return streamed.entry()

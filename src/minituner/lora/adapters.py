@@ -106,9 +106,13 @@ def fingerprint_update(digest, name: str, tensor: torch.Tensor) -> None:
     """Feed one tensor to a base fingerprint's sha256 (callers go in sorted name order); lets
     a sharded loader hash a base one tensor at a time."""
     tensor = tensor.detach().cpu().contiguous()
-    header = [name, str(tensor.dtype), ",".join(str(d) for d in tensor.shape)]
-    digest.update(b"".join(part.encode() + b"\0" for part in header))
+    _fingerprint_header(digest, name, tensor.dtype, tensor.shape)
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
+
+
+def _fingerprint_header(digest, name: str, dtype: torch.dtype, shape) -> None:
+    header = [name, str(dtype), ",".join(str(d) for d in shape)]
+    digest.update(b"".join(part.encode() + b"\0" for part in header))
 
 
 STATS_ALGORITHM = "l2-and-signed-sum-v1"
@@ -140,18 +144,73 @@ def _chunk_signs(device: str) -> torch.Tensor:
     return (_hash32(index) & 1).to(torch.float64) * 2 - 1
 
 
+class _FloatStats:
+    """The L2 norm and signed sum of a flat float tensor fed in consecutive pieces of any size:
+    the same chunks, in the same order, as one pass over the whole tensor."""
+
+    def __init__(self):
+        self.squares, self.signed, self.number = 0.0, 0.0, 0
+        self.pending: list = []
+
+    def add(self, flat: torch.Tensor) -> None:
+        """The next values (a flat tensor); every full chunk is counted now."""
+        self.pending.append(flat)
+        held = sum(p.numel() for p in self.pending)
+        if held < _CHUNK:
+            return
+        values = torch.cat(self.pending) if len(self.pending) > 1 else flat
+        full = held - held % _CHUNK
+        for start in range(0, full, _CHUNK):
+            self._count(values[start:start + _CHUNK])
+        self.pending = [values[full:]] if full < held else []
+
+    def _count(self, chunk: torch.Tensor) -> None:
+        chunk = chunk.to(torch.float64)
+        signs = _chunk_signs(str(chunk.device))
+        chunk_sign = 1.0 if int(_hash32(torch.tensor(self.number + 0x9E37)) & 1) else -1.0
+        self.squares += float(torch.dot(chunk, chunk))
+        self.signed += chunk_sign * float(torch.dot(chunk, signs[:chunk.numel()]))
+        self.number += 1
+
+    def result(self) -> dict:
+        """{"l2", "signed_sum"} of every value added (the last, partial chunk counted now)."""
+        if self.pending:
+            self._count(torch.cat(self.pending))
+            self.pending = []
+        return {"l2": math.sqrt(self.squares), "signed_sum": self.signed}
+
+
 def _float_stats(tensor: torch.Tensor) -> dict:
     """L2 norm and signed sum; the sign of flat index i is chunk_sign(i // CHUNK) times the
     within-chunk sign of i % CHUNK (one sign vector per device, reused for every chunk)."""
-    flat = tensor.detach().reshape(-1)
-    signs = _chunk_signs(str(flat.device))
-    squares, signed = 0.0, 0.0
-    for number, start in enumerate(range(0, flat.numel(), _CHUNK)):
-        chunk = flat[start:start + _CHUNK].to(torch.float64)
-        chunk_sign = 1.0 if int(_hash32(torch.tensor(number + 0x9E37)) & 1) else -1.0
-        squares += float(torch.dot(chunk, chunk))
-        signed += chunk_sign * float(torch.dot(chunk, signs[:chunk.numel()]))
-    return {"l2": math.sqrt(squares), "signed_sum": signed}
+    stats = _FloatStats()
+    stats.add(tensor.detach().reshape(-1))
+    return stats.result()
+
+
+class StreamedTensor:
+    """One float base tensor fed to the fingerprint and to its statistics a slice at a time
+    (consecutive slices of its flattened values, in order): the same digest and entry as
+    :func:`fingerprint_update` and :func:`tensor_stats` on the whole tensor, so a sharded
+    loader need not hold it whole."""
+
+    def __init__(self, digest, name: str, dtype: torch.dtype, shape):
+        if not dtype.is_floating_point:
+            raise ValueError(f"{name}: only float tensors are streamed, got {dtype}")
+        _fingerprint_header(digest, name, dtype, shape)
+        self.digest, self.dtype, self.shape = digest, dtype, list(shape)
+        self.stats = _FloatStats()
+
+    def update(self, values: torch.Tensor) -> None:
+        """The next values of the tensor (any shape; taken flat, in order)."""
+        flat = values.detach().cpu().contiguous().reshape(-1)
+        self.digest.update(flat.view(torch.uint8).numpy())
+        self.stats.add(flat)
+
+    def entry(self) -> dict:
+        """The tensor's :func:`tensor_stats` entry, once every value was fed."""
+        return {"dtype": str(self.dtype).removeprefix("torch."), "shape": self.shape,
+                **self.stats.result()}
 
 
 def base_tensor_stats(model: nn.Module) -> dict:

@@ -122,17 +122,20 @@ def check_fsdp_blocks(blocks: list, info: DistInfo) -> None:
 
 
 def shard_blocks(model: nn.Module, blocks: list, info: DistInfo,
-                 reduce_dtype: torch.dtype | None = None) -> nn.Module:
+                 reduce_dtype: torch.dtype | None = None,
+                 ignored_params: set | None = None) -> nn.Module:
     """``fully_shard`` each block, then the root (what is left: embeddings, head, norms).
 
     Gradients are summed over processes (see the module docstring). ``reduce_dtype`` (fp32
     for a bf16 run) is FSDP2's MixedPrecisionPolicy: gradients are reduced in it.
+    ``ignored_params`` are left out of the root unit (already split over the processes: the
+    vocabulary-parallel embedding and head, :mod:`minituner.training.vocab_parallel`).
     """
     check_fsdp_blocks(blocks, info)
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored_params or None)
     for module in model.modules():
         if isinstance(module, FSDPModule):  # a plain SUM (gloo has no pre-scaled sum)
             module.set_gradient_divide_factor(1.0)

@@ -149,6 +149,22 @@ def plain_output_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+def final_hidden_states(forward_model: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The final hidden states (batch, seq, d) of a transformers causal LM, for a loss that
+    runs its own head: the body alone, or through a wrapper (DDP, the FSDP root) that must see
+    the forward, whose head then scores one position only (``logits_to_keep=1``)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    body = getattr(forward_model, getattr(forward_model, "base_model_prefix", ""), None)
+    if isinstance(body, nn.Module):  # not wrapped: the body alone, no LM head call at all
+        return body(**inputs).last_hidden_state
+    return forward_model(**inputs, output_hidden_states=True,
+                         logits_to_keep=1).hidden_states[-1]
+
+
 def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None, targets: torch.Tensor,
                   mask: torch.Tensor, chunk_size: int | None = None,
@@ -162,15 +178,7 @@ def masked_lm_nll(forward_model: nn.Module, head: nn.Linear, input_ids: torch.Te
     up to float summation order, without the (tokens, vocab) logits in memory.
     ``position_ids`` (packed rows) is passed to the model when given.
     """
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if position_ids is not None:
-        inputs["position_ids"] = position_ids
-    body = getattr(forward_model, getattr(forward_model, "base_model_prefix", ""), None)
-    if isinstance(body, nn.Module):  # not wrapped: the body alone, no LM head call at all
-        hidden = body(**inputs).last_hidden_state
-    else:  # a DDP wrapper must see the forward; the head then scores one position only
-        hidden = forward_model(**inputs, output_hidden_states=True,
-                               logits_to_keep=1).hidden_states[-1]
+    hidden = final_hidden_states(forward_model, input_ids, attention_mask, position_ids)
     labels = torch.where(mask.bool(), targets, -100)
     total = chunked_lm_loss(hidden, head.weight, labels, head.bias,
                             chunk_size=chunk_size, reduction="sum")

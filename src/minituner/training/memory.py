@@ -16,7 +16,7 @@ model, kept apart from the planner's own.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from minituner.models.specs import ModelSpec, model_spec
 
@@ -286,26 +286,59 @@ def _block_bytes(spec: ModelSpec, s: PlanSettings) -> int:
     return params * base
 
 
+def _vocab_params(spec: ModelSpec) -> int:
+    """The embedding and head matrices (one when tied): what --fsdp splits by vocabulary rows."""
+    return spec.vocab_size * spec.d_model * (1 if spec.tied_head else 2)
+
+
+def _vocab_split(s: PlanSettings) -> bool:
+    """True when --fsdp splits the embedding and head by vocabulary rows (frozen: LoRA and
+    QLoRA without modules trained in full; minituner.hf.fsdp.shard_vocabulary)."""
+    return s.method in ("lora", "qlora") and not s.trained_modules_params
+
+
+def _vocab_parallel_loss(spec: ModelSpec, s: PlanSettings) -> dict:
+    """The loss's transient memory when the head's rows are split over ``s.devices``
+    (minituner.training.vocab_parallel): every device's hidden states gathered, their fp32
+    gradient sums, targets and row losses, and one chunk of the logits of this device's slice
+    (fp32 in place; a 16-bit run also has its 16-bit logits and probabilities)."""
+    a, n = DTYPE_BYTES[s.compute_dtype], s.devices
+    rows, per_device = n * s.batch * s.seq, -(-spec.vocab_size // n)
+    return {"activations.logits_transient":
+            chunk_rows(rows, per_device) * per_device * (4 if a == 4 else a + 4),
+            "activations.vocab_parallel_gathers": rows * (spec.d_model * (a + 4) + 8 + 4)}
+
+
 def _fsdp_details(spec: ModelSpec, s: PlanSettings, details: dict) -> dict:
     """Per-device details under FSDP2 (minituner.training.fsdp's settings).
 
     Sharded state is 1/devices of the whole. A gathered unit is a full copy beside the
     device's own shard: FSDP2 all-gathers into one flat buffer of the whole unit, then copies
     it out into the unit's unsharded parameters, so at the copy-out both are alive (the
-    buffer is freed right after: ``set_unshard_async_op``). The root unit (embeddings, head,
-    final norm) is gathered first and stays unsharded for the whole step; at its copy-out no
-    activation exists yet. Later the activations grow while one block at a time is gathered
-    (its copy and its buffer), and no block is gathered while the loss holds its logits.
-    So the peak is the shards, the unsharded root, and the largest of: the root's gather
-    buffer, the activations, the activations before the loss plus two block copies.
+    buffer is freed right after: ``set_unshard_async_op``). The root unit (final norm,
+    learned positions; the embedding and head too when they train) is gathered first and
+    stays unsharded for the whole step; at its copy-out no activation exists yet. A frozen
+    embedding and head are split by vocabulary rows instead and never gathered (their
+    1/devices is in the sharded weights; the loss gathers hidden states, not weights). Later
+    the activations grow while one block at a time is gathered (its copy and its buffer), and
+    no block is gathered while the loss holds its logits. So the peak is the shards, the
+    unsharded root, and the largest of: the root's gather buffer, the activations, the
+    activations before the loss plus two block copies.
     """
     n = s.devices
     if n == 1:  # one process: nothing is sharded or gathered
         return details
     out = {k: -(-v // n) if k.startswith(SHARDED_PREFIXES) else v for k, v in details.items()}
-    root = _root_params(spec) * DTYPE_BYTES[s.base_dtype]
+    root_params = _root_params(spec)
+    if _vocab_split(s):  # the loss is then vocabulary-parallel, always chunked
+        root_params -= _vocab_params(spec)
+        chunked = _activations(spec, replace(s, chunked_loss=True))
+        out["activations.saved_head_and_loss"] = chunked["activations.saved_head_and_loss"]
+        out.update(_vocab_parallel_loss(spec, s))
+    root = root_params * DTYPE_BYTES[s.base_dtype]
     activations = sum(v for k, v in out.items() if k.startswith("activations."))
-    before_loss = activations - out["activations.logits_transient"]
+    before_loss = activations - out["activations.logits_transient"] \
+        - out.get("activations.vocab_parallel_gathers", 0)
     blocks = 2 * _block_bytes(spec, s)
     out["weights.fsdp_unsharded_root"] = root
     out["weights.fsdp_gather_buffers"] = max(root, activations, before_loss + blocks) \
