@@ -40,7 +40,10 @@ def test_plan_refuses_mini_gpt_models(tiny_base_run, capsys):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_packed_run_records_padding_and_memory(toy_hf_model, data, tmp_path, capsys, arch):
+def test_packed_run_records_padding_and_memory(toy_hf_model, data, tmp_path, capsys, arch,
+                                              monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MINITUNER_MMAP_THRESHOLD", raising=False)
     model = f"hf:{toy_hf_model(arch)}"
     common = ["finetune", "--model", model, "--data", str(data), "--batch-size", "1",
               "--max-len", "32", "--packing"]
@@ -54,6 +57,7 @@ def test_packed_run_records_padding_and_memory(toy_hf_model, data, tmp_path, cap
     memory = results["memory"]
     assert memory["predicted"]["total_bytes"] == sum(memory["predicted"]["buckets"].values())
     assert memory["measured"]["peak_rss_growth_bytes"] > 0
+    assert memory["cpu_mmap_threshold_bytes"] == 1 << 20  # a CPU run fixes glibc's threshold
     assert f"{memory['predicted']['total_bytes'] / 1e6:,.1f} MB" in planned
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["finetune"]["packing"] is True
@@ -63,3 +67,14 @@ def test_packing_is_refused_for_mini_gpt(tiny_base_run, tmp_path, capsys):
     assert main(["finetune", "--base", str(tiny_base_run), "--packing",
                  "--out", str(tmp_path / "o")]) != 0
     assert "--packing cannot be used with Mini-GPT" in capsys.readouterr().err
+
+
+def test_a_bad_mmap_threshold_is_one_line(toy_hf_model, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MINITUNER_MMAP_THRESHOLD", "lots")
+    assert main(["finetune", "--model", f"hf:{toy_hf_model('gpt2')}", "--data", str(data),
+                 "--steps", "1", "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].endswith("MINITUNER_MMAP_THRESHOLD must be a positive number "
+                                         "of bytes or 'glibc', got 'lots'")
+    assert "Traceback" not in err and not (tmp_path / "run").exists()

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from minituner.util.files import (
+    MMAP_THRESHOLD_BYTES,
     atomic_directory,
     atomic_write,
     check_out_apart,
+    mmap_threshold_setting,
     paths_overlap,
     recover_directory,
     remove_directory,
@@ -167,3 +169,22 @@ def test_release_freed_memory_trims_the_heap_on_linux():
     blocks = [bytearray(1 << 16) for _ in range(256)]  # 16 MiB in heap-sized pieces
     del blocks
     assert release_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_mmap_threshold_setting_reads_the_environment():
+    assert mmap_threshold_setting({}) == MMAP_THRESHOLD_BYTES == 1 << 20
+    assert mmap_threshold_setting({"MINITUNER_MMAP_THRESHOLD": "4194304"}) == 4194304
+    assert mmap_threshold_setting({"MINITUNER_MMAP_THRESHOLD": "glibc"}) is None
+    # glibc already fixed it from its own variable: left alone
+    assert mmap_threshold_setting({"MALLOC_MMAP_THRESHOLD_": "131072"}) is None
+    for bad in ("0", "-5", "1MiB"):
+        with pytest.raises(ValueError, match="MINITUNER_MMAP_THRESHOLD must be a positive"):
+            mmap_threshold_setting({"MINITUNER_MMAP_THRESHOLD": bad})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_pin_mmap_threshold_sets_glibcs_threshold():
+    from minituner.util.files import pin_mmap_threshold
+
+    assert pin_mmap_threshold({"MINITUNER_MMAP_THRESHOLD": "glibc"}) is None
+    assert pin_mmap_threshold({}) == 1 << 20

@@ -324,6 +324,49 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+MMAP_THRESHOLD_BYTES = 1 << 20  # the fixed mmap threshold CPU training runs set
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def mmap_threshold_setting(environ=os.environ) -> int | None:
+    """The fixed mmap threshold :func:`pin_mmap_threshold` sets: ``MINITUNER_MMAP_THRESHOLD``
+    (bytes), 1 MiB when unset; None for "glibc" (glibc's own, growing threshold) or when
+    ``MALLOC_MMAP_THRESHOLD_`` is set (glibc then already uses that fixed value)."""
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        return None
+    value = environ.get("MINITUNER_MMAP_THRESHOLD", "").strip()
+    if value == "glibc":
+        return None
+    if not value:
+        return MMAP_THRESHOLD_BYTES
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"MINITUNER_MMAP_THRESHOLD must be a positive number of bytes or "
+                         f"'glibc', got {value!r}")
+    return int(value)
+
+
+def pin_mmap_threshold(environ=os.environ) -> int | None:
+    """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``, see
+    :func:`mmap_threshold_setting`) so every block that large or larger is mapped and returned
+    on its own; returns the bytes set, or None when left alone or unavailable.
+
+    glibc's default threshold starts at 128 KiB and rises to the largest block freed so far,
+    up to 32 MiB: after a CPU training step frees its first large tensors, later activations
+    of a few MiB come from the heap, and the heap's freed holes stay resident, so the peak
+    grows from step to step. Fixed at 1 MiB, each large block costs a fresh mapping (page
+    faults); ``benchmarks/memory_validation.py --plan`` measures both sides.
+    """
+    size = mmap_threshold_setting(environ)
+    if size is None or not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        done = bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, size)) if name else False
+    except (OSError, AttributeError):
+        return None
+    return size if done else None
+
+
 def release_freed_memory() -> bool:
     """Hand the heap memory freed so far back to the OS (glibc's ``malloc_trim(0)``), so what a
     finished step (loading a base, say) freed does not stay resident; False where unavailable."""
