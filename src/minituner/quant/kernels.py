@@ -193,10 +193,25 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
 
 
-def dequantize_blocks(packed, table, scales, out, blocksize: int) -> None:
+_SCRATCH = threading.local()
+
+
+def _index_scratch(n: int) -> torch.Tensor:
+    """This thread's int32 scratch for ``n`` gather indices (CPU), reused call after call: a
+    fresh one per chunk is a 1 MiB allocation that a fixed mmap threshold maps and unmaps, page
+    faults included, every time (minituner.util.files.pin_mmap_threshold)."""
+    buffer = getattr(_SCRATCH, "index", None)
+    if buffer is None or buffer.numel() < n:
+        buffer = _SCRATCH.index = torch.empty(max(n, CHUNK // 2), dtype=torch.int32)
+    return buffer[:n]
+
+
+def dequantize_blocks(packed, table, scales, out, blocksize: int,
+                      index: torch.Tensor | None = None) -> None:
     """Write code * scale for whole blocks of ``out``: gather both values of each byte from
-    ``table`` (the pair table viewed as 256 int64), then scale; ``scales`` is (n_blocks, 1)."""
-    index = packed.to(torch.int32)
+    ``table`` (the pair table viewed as 256 int64), then scale; ``scales`` is (n_blocks, 1).
+    ``index`` (int32, one per byte) is scratch to reuse for the gather's indices."""
+    index = packed.to(torch.int32) if index is None else index.copy_(packed)
     if out.dtype == torch.float32:
         torch.index_select(table, 0, index, out=out.view(torch.int64))
         out.view(-1, blocksize).mul_(scales)
@@ -221,7 +236,8 @@ def dequantize_flat(packed, code, scales, blocksize: int, out) -> None:
             out_parts = body.split(CHUNK)
             scale_parts = body_scales.split(CHUNK // blocksize)
             for_each_chunk(len(out_parts), lambda i: dequantize_blocks(
-                packed_parts[i], table, scale_parts[i], out_parts[i], blocksize))
+                packed_parts[i], table, scale_parts[i], out_parts[i], blocksize,
+                _index_scratch(packed_parts[i].numel())))
     if main < numel:  # the partial last block
         tail = pairs[packed[main // 2:].long()].view(-1)[:numel - main]
         out[main:] = (tail * scales[-1]).to(out.dtype)
