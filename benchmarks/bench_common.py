@@ -16,6 +16,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+# The allocator settings memory benchmarks compare: minituner's own (a CPU run fixes glibc's mmap
+# threshold at 1 MiB: minituner.util.files.pin_mmap_threshold), glibc's growing threshold, and
+# a 128 KiB fixed threshold (freed blocks go back to the system; RSS follows live tensors).
+ALLOCATORS = {
+    "minituner-1mib": {},
+    "glibc-growing": {"MINITUNER_MMAP_THRESHOLD": "glibc"},
+    "fixed-128kib": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+}
+
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
              "TOKENIZERS_PARALLELISM": "false"}
 

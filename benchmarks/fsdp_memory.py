@@ -15,9 +15,10 @@ its RSS, then runs the fine-tune in-process and reports
   (CUDA: the run's peak allocated bytes),
 
 beside the planner's per-device prediction (``plan_memory(..., devices=N, fsdp=True)``).
-Every configuration runs twice, as in memory_validation.py: with glibc's default allocator
-settings, and with MALLOC_MMAP_THRESHOLD_=131072 (freed blocks go back to the system, so RSS
-follows the live tensors). On CUDA (``--device cuda``) the runs use NCCL and one allocator;
+Every configuration runs under the allocator settings of memory_validation.py: minituner's own
+(a CPU run fixes glibc's mmap threshold at 1 MiB), glibc's growing threshold
+(``MINITUNER_MMAP_THRESHOLD=glibc``) and MALLOC_MMAP_THRESHOLD_=131072. On CUDA
+(``--device cuda``) the runs use NCCL and one allocator;
 ``benchmarks/gpu_fsdp.sh`` runs it there.
 """
 
@@ -33,9 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import ALLOCATORS
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ALLOCATORS = {"glibc-default": {}, "fixed-mmap-threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 def local_bytes(tensor) -> int:
@@ -168,8 +170,8 @@ def main(argv=None) -> int:
 
     n, load_before = args.processes, load_average()
     plan = {name: plan_memory("gpt2-small", "qlora", rank=8, batch=args.batch // devices,
-                              seq=args.seq, base_dtype="fp32", chunked_loss=True,
-                              devices=devices, fsdp=devices > 1).total_bytes
+                              seq=args.seq, base_dtype="fp32", compute_dtype="fp32",
+                              chunked_loss=True, devices=devices, fsdp=devices > 1).total_bytes
             for name, devices in (("one", 1), ("fsdp", n))}
     allocators = ALLOCATORS if args.device == "cpu" else {"cuda": {}}
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

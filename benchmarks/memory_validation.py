@@ -8,13 +8,17 @@ building; the prediction is ``plan_memory("gpt2-small", ...)`` with the same met
 sequence and dtypes. Goal: prediction within 15% of the measurement. Writes
 benchmarks/results/memory_validation.json.
 
-Every configuration runs twice: with glibc's default allocator settings, and with a fixed mmap
-threshold (MALLOC_MMAP_THRESHOLD_=131072). By default glibc raises its mmap threshold after
-freeing large blocks, so freed activations of up to 32 MB stay in the heap and count as
-resident; the fixed threshold returns them to the system, so peak RSS follows live tensors.
+Every configuration runs under three allocator settings: minituner's own (a CPU run fixes
+glibc's mmap threshold at 1 MiB, :func:`minituner.util.files.pin_mmap_threshold`), glibc's
+growing threshold (``MINITUNER_MMAP_THRESHOLD=glibc``) and a 128 KiB fixed threshold
+(``MALLOC_MMAP_THRESHOLD_=131072``). glibc's own threshold rises after it frees large blocks, so
+freed activations of up to 32 MB stay in the heap and count as resident; a fixed threshold
+returns them to the system, so peak RSS follows live tensors. Rows also record the training
+throughput (target tokens per second; ``--plan`` runs) to show what each setting costs.
 
     .venv/bin/python benchmarks/memory_validation.py
     .venv/bin/python benchmarks/memory_validation.py --plan   # finetune --plan's prediction
+    .venv/bin/python benchmarks/memory_validation.py --plan --steps 6 --repeats 3  # and speed
 
 With ``--plan`` the same measurement checks ``finetune --plan`` instead: a random-init
 GPT-2-small-shaped transformers model (``minituner.hf_toy``, gpt2-small) and a data file of
@@ -31,17 +35,24 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_common import load_average, run_json_child, vm_hwm_bytes, vm_rss_bytes, write_results
+from bench_common import (
+    ALLOCATORS,
+    load_average,
+    run_json_child,
+    vm_hwm_bytes,
+    vm_rss_bytes,
+    write_results,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "memory_validation.json"
 METHODS = ("full", "lora", "qlora")
 TOLERANCE = 0.15
-ALLOCATORS = {"glibc-default": {}, "fixed-mmap-threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 def warm_up() -> None:
@@ -70,8 +81,10 @@ def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
 
     from minituner.training.loop import build_optimizer
     from minituner.training.memory import plan_memory
+    from minituner.util.files import pin_mmap_threshold
 
     torch.set_num_threads(threads)
+    pin_mmap_threshold()  # as a minituner run does (unless the environment says otherwise)
     warm_up()
     gc.collect()
     baseline, peak_before = vm_rss_bytes(), vm_hwm_bytes()
@@ -137,6 +150,7 @@ def plan_child(method: str, model: str, data: str, batch: int, steps: int, threa
         "run_results_memory": results["memory"],
         "plan_equals_run_prediction": results["memory"]["predicted"] == plan["memory"],
         "ratio_predicted_to_measured": predicted / measured,
+        "target_tokens_per_s": results["target_tokens_per_s"],
         "seconds": time.perf_counter() - started,
     }
 
@@ -174,38 +188,80 @@ def plan_main(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model, data = write_plan_inputs(Path(tmp), args.seq, 4 * args.batch)
-        for allocator, env in ALLOCATORS.items():
-            for method in PLAN_METHODS:
-                row = run_json_child([__file__, "--plan-child", method, "--model", model,
-                                      "--data", data, "--batch", args.batch, "--steps",
-                                      args.steps, "--threads", args.threads,
-                                      "--run-out", Path(tmp) / f"run-{allocator}-{method}"],
-                                     env=env)
-                row["allocator"] = allocator
-                row["within_tolerance"] = abs(row["ratio_predicted_to_measured"] - 1) <= TOLERANCE
-                rows.append(row)
-                print(f"done {allocator} {method}", file=sys.stderr, flush=True)
+        for round_number in range(args.repeats):  # alternate the order: drift hits all sides
+            settings = list(ALLOCATORS.items())
+            for allocator, env in settings if round_number % 2 == 0 else settings[::-1]:
+                for method in PLAN_METHODS:
+                    run_out = Path(tmp) / f"run-{allocator}-{method}-{round_number}"
+                    row = run_json_child([__file__, "--plan-child", method, "--model", model,
+                                          "--data", data, "--batch", args.batch, "--steps",
+                                          args.steps, "--threads", args.threads,
+                                          "--run-out", run_out], env=env)
+                    row.update(allocator=allocator, round=round_number, within_tolerance=abs(
+                        row["ratio_predicted_to_measured"] - 1) <= TOLERANCE)
+                    rows.append(row)
+                    print(f"done {allocator} {method} round {round_number}", file=sys.stderr,
+                          flush=True)
     out = args.out if args.out != RESULTS else PLAN_RESULTS
+    summary = allocator_summary(rows)
     write_results(out, {
         "benchmark": "finetune --plan's predicted peak vs measured peak-RSS growth, GPT-2-small "
                      "shape (transformers, random init), CPU fp32",
-        "tolerance": TOLERANCE, "rows": rows, "load_average_before": load_before,
+        "tolerance": TOLERANCE, "rows": rows, "by_allocator": summary,
+        "load_average_before": load_before,
     })
     print(f"finetune --plan, GPT-2-small shape (transformers), batch {args.batch} x {args.seq}, "
-          f"{args.steps} steps, {args.threads} threads, fp32")
+          f"{args.steps} steps, {args.threads} threads, fp32, {args.repeats} round(s)")
     print_table(rows)
+    print()
+    print_allocator_summary(summary)
     return 0
 
 
-def print_table(rows: list) -> None:
-    """The README table of predicted vs measured peak-RSS growth, one row per run."""
-    print("| allocator | method | predicted (MB) | measured peak-RSS growth (MB) "
-          "| predicted / measured | within 15% |")
+BASELINE_ALLOCATOR = "glibc-growing"
+
+
+def allocator_summary(rows: list) -> list:
+    """Per method and allocator setting: the medians over the rounds of predicted / measured
+    and of target tokens per second, and that throughput over glibc's own setting's."""
+    summary = []
+    for method in PLAN_METHODS:
+        medians = {}
+        for allocator in ALLOCATORS:
+            mine = [r for r in rows if r["method"] == method and r["allocator"] == allocator]
+            medians[allocator] = {
+                "ratio": statistics.median(r["ratio_predicted_to_measured"] for r in mine),
+                "tokens_per_s": statistics.median(r["target_tokens_per_s"] for r in mine),
+                "rounds": len(mine)}
+        base = medians[BASELINE_ALLOCATOR]["tokens_per_s"]
+        summary += [{"method": method, "allocator": allocator, **values,
+                     "throughput_vs_glibc": values["tokens_per_s"] / base}
+                    for allocator, values in medians.items()]
+    return summary
+
+
+def print_allocator_summary(summary: list) -> None:
+    """Medians over the rounds: the planner's ratio and what each allocator setting costs."""
+    print("| method | allocator | rounds | median predicted / measured | median target tokens/s "
+          f"| throughput vs {BASELINE_ALLOCATOR} |")
     print("|---|---|---|---|---|---|")
+    for row in summary:
+        print(f"| {row['method']} | {row['allocator']} | {row['rounds']} | {row['ratio']:.3f} "
+              f"| {row['tokens_per_s']:,.1f} | {row['throughput_vs_glibc']:.3f} |")
+
+
+def print_table(rows: list) -> None:
+    """The README table of predicted vs measured peak-RSS growth, one row per run (with the
+    training throughput when the rows have it)."""
+    speed = all("target_tokens_per_s" in row for row in rows)
+    print("| allocator | method | predicted (MB) | measured peak-RSS growth (MB) "
+          "| predicted / measured | within 15% |" + (" target tokens/s |" if speed else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if speed else ""))
     for row in rows:
         print(f"| {row['allocator']} | {row['method']} | {row['predicted_bytes'] / 1e6:,.0f} "
               f"| {row['measured_growth_bytes'] / 1e6:,.0f} "
-              f"| {row['ratio_predicted_to_measured']:.3f} | {row['within_tolerance']} |")
+              f"| {row['ratio_predicted_to_measured']:.3f} | {row['within_tolerance']} |"
+              + (f" {row['target_tokens_per_s']:,.1f} |" if speed else ""))
 
 
 def main(argv=None) -> int:
@@ -216,6 +272,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--plan: rounds over every allocator setting, order alternating")
     parser.add_argument("--plan", action="store_true",
                         help="check finetune --plan on a transformers GPT-2-small shape")
     parser.add_argument("--plan-child", choices=PLAN_METHODS, help=argparse.SUPPRESS)
