@@ -116,3 +116,45 @@ def median_spread(values: list, unit: str = "") -> dict:
     median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
     return {f"median{suffix}": median, f"min{suffix}": ordered[0], f"max{suffix}": ordered[-1],
             "n": n}
+
+
+class RSSTimeline:
+    """Resident memory sampled every ``interval`` seconds on a thread, with named marks: the
+    peak of each stretch between two marks shows where a run's peak is (loading, a step)."""
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.interval, self.samples, self.marks = interval, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), vm_rss_bytes()))
+            self._stop.wait(self.interval)
+
+    def start(self, first: str = "start") -> RSSTimeline:
+        """Begin sampling; the first stretch is named ``first``."""
+        self.mark(first)
+        self._thread.start()
+        return self
+
+    def mark(self, name: str) -> None:
+        """End the current stretch here; the next one is named ``name``."""
+        self.marks.append((name, time.perf_counter()))
+
+    def stop(self, baseline: int) -> list:
+        """Stop sampling; [{"stretch", "peak_growth_bytes", "end_growth_bytes"}] per stretch,
+        growth measured from ``baseline``."""
+        self._stop.set()
+        self._thread.join()
+        ends = self.marks[1:] + [("end", time.perf_counter())]
+        stretches = []
+        for (name, begin), (_, end) in zip(self.marks, ends, strict=True):
+            inside = [rss for at, rss in self.samples if begin <= at <= end]
+            if inside:
+                stretches.append({"stretch": name, "peak_growth_bytes": max(inside) - baseline,
+                                  "end_growth_bytes": inside[-1] - baseline})
+        return stretches
+

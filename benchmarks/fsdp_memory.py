@@ -58,18 +58,24 @@ def child(args) -> None:
     """One process of a run (under torchrun or alone): warm up, train, write this rank's
     numbers."""
     import torch
-    from bench_common import vm_hwm_bytes, vm_rss_bytes
+    from bench_common import RSSTimeline, vm_hwm_bytes, vm_rss_bytes
 
     from minituner.hf.finetune import HFBackend
     from minituner.training import pipeline
     from minituner.training.config import FinetuneConfig
 
-    measured = {}
+    measured, timeline = {}, RSSTimeline()
 
     class Measured(HFBackend):
+        def build_trainable(self, cfg):
+            timeline.mark("step 1")  # the stretch before it: data, loading the base
+            return super().build_trainable(cfg)
+
         def on_step(self, model, record: dict) -> None:
             super().on_step(model, record)
             measured["base_weight_bytes"] = base_weight_bytes(model)
+            timeline.mark(f"step {record['step'] + 1}" if record["step"] < args.steps
+                          else "after training")
 
     def config(model, steps: int) -> FinetuneConfig:
         return FinetuneConfig.for_kind("hf", model=f"hf:{model}", train_data=args.data,
@@ -84,8 +90,10 @@ def child(args) -> None:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline = vm_rss_bytes()
+    timeline.start("loading")  # reading the data and loading the base
     results = pipeline.run_finetune(Measured(args.device), config(args.model, args.steps),
                                     args.out, overwrite=True)
+    measured["timeline"] = timeline.stop(baseline)
     measured["baseline_rss_bytes"] = baseline
     measured["peak_rss_growth_bytes"] = vm_hwm_bytes() - baseline
     measured["run_measured"] = results["memory"]["measured"]  # growth since the base's load
@@ -201,6 +209,10 @@ def main(argv=None) -> int:
                   f"{row['peak_growth_bytes'] / 2**20:,.1f} MiB")
         print(f"{allocator:>20} goals: " + json.dumps({k: v for k, v in record.items()
                                                       if k not in ("env", "runs")}))
+        for name, row in record["runs"].items():
+            stretches = row["ranks"][0].get("timeline", [])
+            print(f"{allocator:>20} {name:>5} rank 0 peak growth by stretch, MiB: " + ", ".join(
+                f"{s['stretch']} {s['peak_growth_bytes'] / 2**20:,.1f}" for s in stretches))
     return 0
 
 
