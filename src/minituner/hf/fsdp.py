@@ -11,13 +11,15 @@ stay buffers.
 Shard-wise loading (:func:`load_sharded_base`): the model is built with its parameters on the
 meta device (transformers computes the buffers, rotary tables and masks, as usual), targeted
 layers become NF4 shells (:func:`minituner.hf.load.nf4_shell`), LoRA is applied (its A and B
-made real and drawn from the seed as one process draws them), the blocks and the root are
-sharded, and only then is each process's part of the base allocated. The base is filled one
-module at a time: its float tensors are read from the safetensors file(s), quantized (QLoRA)
-or cast (LoRA), and each process copies its shard out, so no process holds more than one
-layer's float weight beside its shards. Modules are filled in the sorted order of their
-state_dict names, so the base fingerprint and tensor statistics are computed on the way, from
-the same full tensors one process would hold.
+made real and drawn from the seed as one process draws them), the embedding and LM head are
+split by vocabulary rows (:func:`shard_vocabulary`), the blocks and the root are sharded, and
+only then is each process's part of the base allocated. The base is filled one module at a
+time: its float tensors are read from the safetensors file(s), quantized (QLoRA) or cast
+(LoRA), and each process copies its shard out, so no process holds more than one layer's float
+weight beside its shards; the vocabulary-split matrices, the largest, are read a block of rows
+at a time. Modules are filled in the sorted order of their state_dict names, so the base
+fingerprint and tensor statistics are computed on the way, from the same values one process
+would hold.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Fully sharded data parallelism (PyTorch's FSDP2, ``fully_shard``) for adapter training.
 
 Under ``torchrun ... finetune --fsdp`` every transformer block, and then the model's root
-(embeddings, final norm and the LM head, so a tied embedding and head stay in one unit), is
-handed to :func:`torch.distributed.fsdp.fully_shard`: each process keeps 1/N of every
-parameter (frozen base, NF4 codes and scales, LoRA matrices), their gradients and AdamW's
-moments; a block's parameters are all-gathered for its forward and backward and freed after.
+(what is left: the final norm, learned positions; the embeddings and LM head too unless the
+caller split them by vocabulary rows, :mod:`minituner.training.vocab_parallel`, and passed them
+as ``ignored_params``), is handed to :func:`torch.distributed.fsdp.fully_shard`: each process
+keeps 1/N of every parameter (frozen base, NF4 codes and scales, LoRA matrices), their
+gradients and AdamW's moments; a block's parameters are all-gathered for its forward and
+backward and freed after.
 The all-gather is asynchronous (``set_unshard_async_op``), so its flat output buffer is freed
 as soon as it is copied into the unit's parameters: at most one unit's gather buffer lives.
 
