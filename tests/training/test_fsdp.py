@@ -170,7 +170,12 @@ def test_planner_shards_state_and_adds_gathered_units():
     assert two.details["weights.fsdp_unsharded_root"] == 8192 * 2
     assert two.details["weights.frozen_other"] == -(-one.details["weights.frozen_other"] // 2)
     assert two.details["weights.fsdp_gather_buffers"] >= 0
-    assert two.buckets["activations"] == one.buckets["activations"]
+    assert two.details["activations.saved_blocks"] == one.details["activations.saved_blocks"]
+    # the loss is vocabulary-parallel: both devices' 512 tokens against this device's 16,000
+    # vocabulary rows, bf16 logits and their fp32 copy (one device: 32,000 rows, bf16 logits
+    # and two fp32 gradients)
+    assert two.details["activations.logits_transient"] == 1024 * 16000 * (2 + 4)
+    assert one.details["activations.logits_transient"] == 512 * 32000 * (2 + 8)
     assert 0.5 * one.total_bytes < two.total_bytes < 0.6 * one.total_bytes
     with pytest.raises(ValueError, match="devices must be an int >= 1"):
         plan_memory("llama-65b", method, **settings, devices=0, fsdp=True)
