@@ -55,10 +55,6 @@ def row_range(weight: DTensor) -> tuple:
     return first, min(first + per_rank, weight.shape[0])
 
 
-def _slice_start(weight: DTensor) -> int:
-    return row_range(weight)[0]
-
-
 def _rows_per_rank(weight: DTensor) -> int:
     return -(-weight.shape[0] // weight.device_mesh.size())
 
@@ -92,7 +88,7 @@ def sharded_embedding(ids: torch.Tensor, weight: DTensor) -> torch.Tensor:
     """``F.embedding(ids, full weight)`` from the row slices: see the module docstring."""
     group = weight.device_mesh.get_group()
     local = weight.to_local()
-    start = _slice_start(weight)
+    start = row_range(weight)[0]
     flat = ids.reshape(-1)
     most = max(_row_counts(flat.numel(), flat.device, group))
     every = _gather_rows(flat, most, group, fill=-1)
@@ -146,7 +142,7 @@ class VocabParallelNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index):
-        local, start = weight.to_local(), _slice_start(weight)
+        local, start = weight.to_local(), row_range(weight)[0]
         group = weight.device_mesh.get_group()
         need_grad = ctx.needs_input_grad[0]
         n = hidden.shape[0]
