@@ -16,8 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-# The allocator settings memory benchmarks compare: minituner's own (a CPU run fixes glibc's mmap
-# threshold at 1 MiB: minituner.util.files.pin_mmap_threshold), glibc's growing threshold, and
+# The allocator settings memory benchmarks compare: minituner's own (`minituner finetune` on the
+# CPU fixes glibc's mmap threshold at 1 MiB: minituner.util.files.pin_mmap_threshold, which the
+# benchmarks' processes call too), glibc's growing threshold, and
 # a 128 KiB fixed threshold (freed blocks go back to the system; RSS follows live tensors).
 ALLOCATORS = {
     "minituner-1mib": {},

@@ -16,9 +16,9 @@ its RSS, then runs the fine-tune in-process and reports
 
 beside the planner's per-device prediction (``plan_memory(..., devices=N, fsdp=True)``).
 Every configuration runs under the allocator settings of memory_validation.py: minituner's own
-(a CPU run fixes glibc's mmap threshold at 1 MiB), glibc's growing threshold
-(``MINITUNER_MMAP_THRESHOLD=glibc``) and MALLOC_MMAP_THRESHOLD_=131072. On CUDA
-(``--device cuda``) the runs use NCCL and one allocator;
+(``minituner finetune`` on the CPU fixes glibc's mmap threshold at 1 MiB; the child does too),
+glibc's growing threshold (``MINITUNER_MMAP_THRESHOLD=glibc``) and
+MALLOC_MMAP_THRESHOLD_=131072. On CUDA (``--device cuda``) the runs use NCCL and one allocator;
 ``benchmarks/gpu_fsdp.sh`` runs it there.
 """
 
@@ -63,7 +63,10 @@ def child(args) -> None:
     from minituner.hf.finetune import HFBackend
     from minituner.training import pipeline
     from minituner.training.config import FinetuneConfig
+    from minituner.util.files import pin_mmap_threshold
 
+    if args.device == "cpu":
+        pin_mmap_threshold()  # as `minituner finetune` does on the CPU (unless the env says)
     measured, timeline = {}, RSSTimeline()
 
     class Measured(HFBackend):

@@ -8,8 +8,9 @@ building; the prediction is ``plan_memory("gpt2-small", ...)`` with the same met
 sequence and dtypes. Goal: prediction within 15% of the measurement. Writes
 benchmarks/results/memory_validation.json.
 
-Every configuration runs under three allocator settings: minituner's own (a CPU run fixes
-glibc's mmap threshold at 1 MiB, :func:`minituner.util.files.pin_mmap_threshold`), glibc's
+Every configuration runs under three allocator settings: minituner's own (``minituner
+finetune`` on the CPU fixes glibc's mmap threshold at 1 MiB,
+:func:`minituner.util.files.pin_mmap_threshold`, and so do these processes), glibc's
 growing threshold (``MINITUNER_MMAP_THRESHOLD=glibc``) and a 128 KiB fixed threshold
 (``MALLOC_MMAP_THRESHOLD_=131072``). glibc's own threshold rises after it frees large blocks, so
 freed activations of up to 32 MB stay in the heap and count as resident; a fixed threshold
@@ -84,7 +85,7 @@ def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     from minituner.util.files import pin_mmap_threshold
 
     torch.set_num_threads(threads)
-    pin_mmap_threshold()  # as a minituner run does (unless the environment says otherwise)
+    pin_mmap_threshold()  # as `minituner finetune` does on the CPU (unless the environment says)
     warm_up()
     gc.collect()
     baseline, peak_before = vm_rss_bytes(), vm_hwm_bytes()
@@ -128,8 +129,10 @@ def plan_child(method: str, model: str, data: str, batch: int, steps: int, threa
     from minituner.hf.finetune import run_hf_finetune
     from minituner.hf.plan import plan_finetune
     from minituner.training.config import FinetuneConfig
+    from minituner.util.files import pin_mmap_threshold
 
     torch.set_num_threads(threads)
+    pin_mmap_threshold()  # as `minituner finetune` does on the CPU (unless the environment says)
     cfg = FinetuneConfig.for_kind("hf", model=f"hf:{model}", train_data=data, method=method,
                                   batch_size=batch, steps=steps, dtype="fp32", threads=threads,
                                   eval_every=steps, checkpoint_every=steps)

@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `minituner finetune` on the CPU fixes glibc's mmap threshold for the rest of its process; the
+# CLI tests run in this one, so it keeps glibc's own (tests/cli/test_plan_cli.py checks the pin
+# in a process of its own).
+os.environ.setdefault("MINITUNER_MMAP_THRESHOLD", "glibc")
 # Tiny models run fastest on one thread, and shared CI machines are noisy with more.
 torch.set_num_threads(1)
 

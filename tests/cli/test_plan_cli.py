@@ -4,6 +4,9 @@ results.json holds predicted and measured peak memory side by side."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from hf_helpers import write_data
@@ -40,10 +43,7 @@ def test_plan_refuses_mini_gpt_models(tiny_base_run, capsys):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_packed_run_records_padding_and_memory(toy_hf_model, data, tmp_path, capsys, arch,
-                                              monkeypatch):
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("MINITUNER_MMAP_THRESHOLD", raising=False)
+def test_packed_run_records_padding_and_memory(toy_hf_model, data, tmp_path, capsys, arch):
     model = f"hf:{toy_hf_model(arch)}"
     common = ["finetune", "--model", model, "--data", str(data), "--batch-size", "1",
               "--max-len", "32", "--packing"]
@@ -57,7 +57,7 @@ def test_packed_run_records_padding_and_memory(toy_hf_model, data, tmp_path, cap
     memory = results["memory"]
     assert memory["predicted"]["total_bytes"] == sum(memory["predicted"]["buckets"].values())
     assert memory["measured"]["peak_rss_growth_bytes"] > 0
-    assert memory["cpu_mmap_threshold_bytes"] == 1 << 20  # a CPU run fixes glibc's threshold
+    assert memory["cpu_mmap_threshold_bytes"] is None  # glibc's own here (tests/conftest.py)
     assert f"{memory['predicted']['total_bytes'] / 1e6:,.1f} MB" in planned
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["finetune"]["packing"] is True
@@ -78,3 +78,20 @@ def test_a_bad_mmap_threshold_is_one_line(toy_hf_model, data, tmp_path, capsys, 
     assert err.splitlines()[-1].endswith("MINITUNER_MMAP_THRESHOLD must be a positive number "
                                          "of bytes or 'glibc', got 'lots'")
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting,expected", [(None, 1 << 20), ("glibc", None),
+                                              ("4194304", 4 << 20)])
+def test_a_cpu_finetune_fixes_the_mmap_threshold(toy_hf_model, data, tmp_path, setting,
+                                                 expected):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MINITUNER_MMAP_THRESHOLD", "MALLOC_MMAP_THRESHOLD_")}
+    if setting is not None:
+        env["MINITUNER_MMAP_THRESHOLD"] = setting
+    done = subprocess.run([sys.executable, "-m", "minituner", "finetune", "--model",
+                           f"hf:{toy_hf_model('gpt2')}", "--data", str(data), "--steps", "1",
+                           "--device", "cpu", "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["memory"]["cpu_mmap_threshold_bytes"] == expected

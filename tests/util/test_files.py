@@ -17,6 +17,7 @@ from minituner.util.files import (
     atomic_directory,
     atomic_write,
     check_out_apart,
+    mmap_threshold_in_effect,
     mmap_threshold_setting,
     paths_overlap,
     recover_directory,
@@ -182,9 +183,21 @@ def test_mmap_threshold_setting_reads_the_environment():
             mmap_threshold_setting({"MINITUNER_MMAP_THRESHOLD": bad})
 
 
+PIN = """
+from minituner.util.files import mmap_threshold_in_effect, pin_mmap_threshold
+print(mmap_threshold_in_effect({}), pin_mmap_threshold({"MINITUNER_MMAP_THRESHOLD": "glibc"}),
+      pin_mmap_threshold({}), mmap_threshold_in_effect({}))
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_pin_mmap_threshold_sets_glibcs_threshold():
-    from minituner.util.files import pin_mmap_threshold
-
-    assert pin_mmap_threshold({"MINITUNER_MMAP_THRESHOLD": "glibc"}) is None
-    assert pin_mmap_threshold({}) == 1 << 20
+    # in a process of its own: the setting lasts for the whole process
+    done = subprocess.run([sys.executable, "-c", PIN], capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items()
+                                           if k != "MALLOC_MMAP_THRESHOLD_"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "None", str(1 << 20), str(1 << 20)]
+    # this process pinned nothing: glibc's own, or what its environment fixed
+    assert mmap_threshold_in_effect({"MALLOC_MMAP_THRESHOLD_": "131072"}) == 131072
+    assert mmap_threshold_in_effect({}) is None

@@ -152,12 +152,15 @@ def run_hf(args, cfg) -> int:
     """Fine-tune a transformers model with a progress bar on rank 0; print the settings first
     and the result last."""
     from minituner.hf.finetune import run_hf_finetune
-    from minituner.hf.models import dtype_name
+    from minituner.hf.models import dtype_name, resolve_device
     from minituner.training.distributed import shutdown_distributed
+    from minituner.util.files import pin_mmap_threshold
 
     if not cfg.train_data:
         raise ValueError("--data: give the training JSONL file for an hf: model")
     device = args.device or "auto"
+    if resolve_device(device).type == "cpu":  # freed activations leave the heap at once
+        pin_mmap_threshold()
     progress = Progress(f"{cfg.method} r={cfg.rank}")
     state = {"main": True}
 

@@ -49,7 +49,7 @@ from minituner.training.evaluation import make_validator
 from minituner.training.losses import final_hidden_states, masked_lm_nll, plain_output_head
 from minituner.training.packing import is_packed, pack_sequences
 from minituner.training.vocab_parallel import VocabShardedHead, vocab_parallel_nll
-from minituner.util.files import pin_mmap_threshold, release_freed_memory
+from minituner.util.files import mmap_threshold_in_effect, release_freed_memory
 
 __all__ = ["HFBackend", "NoGradientError", "check_lora_gradients", "dropout_seed",
            "enable_grad_checkpointing", "make_hf_loss_fn", "make_hf_validator", "padding_mask",
@@ -210,8 +210,6 @@ class HFBackend:
             raise ValueError(f"--model must be hf:DIR for a transformers run, got {cfg.model!r}")
         self.runtime = runtime_settings(cfg, self.device_name)
         info = self.runtime["dist"]
-        if self.runtime["device"].type == "cpu":  # freed activations leave the heap at once
-            self.runtime["mmap_threshold_bytes"] = pin_mmap_threshold()
         if cfg.fsdp:
             check_fsdp_settings(cfg)
         if cfg.batch_size % info.world_size:
@@ -356,7 +354,7 @@ class HFBackend:
                                                      else "unpacked"]["padding_fraction"],
             "memory": {"predicted": self.plan["memory"],
                        "measured": measured_peak(self.rss_before_load, self.runtime["device"]),
-                       "cpu_mmap_threshold_bytes": self.runtime.get("mmap_threshold_bytes")},
+                       "cpu_mmap_threshold_bytes": mmap_threshold_in_effect()},
         }
 
     def after_fit(self, cfg: FinetuneConfig, model: nn.Module) -> None:

@@ -348,7 +348,9 @@ def mmap_threshold_setting(environ=os.environ) -> int | None:
 def pin_mmap_threshold(environ=os.environ) -> int | None:
     """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``, see
     :func:`mmap_threshold_setting`) so every block that large or larger is mapped and returned
-    on its own; returns the bytes set, or None when left alone or unavailable.
+    on its own; returns the bytes set, or None when left alone or unavailable. It lasts for the
+    whole process (glibc cannot be given its growing threshold back), so ``minituner
+    finetune`` calls it for a CPU run, which owns its process; a library call does not.
 
     glibc's default threshold starts at 128 KiB and rises to the largest block freed so far,
     up to 32 MiB: after a CPU training step frees its first large tensors, later activations
@@ -364,7 +366,21 @@ def pin_mmap_threshold(environ=os.environ) -> int | None:
         done = bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, size)) if name else False
     except (OSError, AttributeError):
         return None
+    if done:
+        _PINNED["bytes"] = size
     return size if done else None
+
+
+_PINNED: dict = {}  # what pin_mmap_threshold set in this process
+
+
+def mmap_threshold_in_effect(environ=os.environ) -> int | None:
+    """The fixed mmap threshold this process runs with: the one :func:`pin_mmap_threshold`
+    set, else a ``MALLOC_MMAP_THRESHOLD_`` glibc read at start; None for glibc's own."""
+    if "bytes" in _PINNED:
+        return _PINNED["bytes"]
+    value = environ.get("MALLOC_MMAP_THRESHOLD_", "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def release_freed_memory() -> bool:
