@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -324,8 +325,29 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-MMAP_THRESHOLD_BYTES = 1 << 20  # the fixed mmap threshold CPU training runs set
+MMAP_THRESHOLD_BYTES = 1 << 20  # the fixed mmap threshold `minituner finetune` sets on the CPU
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_PINNED: dict = {}  # what pin_mmap_threshold set in this process
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, or None off Linux or where it cannot be loaded; looked up once
+    (``find_library`` searches the system each time, and a CPU --fsdp run trims every step)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def _glibc_call(function: str, *args: int) -> bool:
+    """Call a glibc-only function (``mallopt``, ``malloc_trim``); False where it is missing
+    (another C library, another system) or reports failure (it returns 0)."""
+    found = getattr(_libc(), function, None)  # None too where there is no C library
+    return bool(found(*args)) if found is not None else False
 
 
 def mmap_threshold_setting(environ=os.environ) -> int | None:
@@ -359,19 +381,10 @@ def pin_mmap_threshold(environ=os.environ) -> int | None:
     faults); ``benchmarks/memory_validation.py --plan`` measures both sides.
     """
     size = mmap_threshold_setting(environ)
-    if size is None or not sys.platform.startswith("linux"):
+    if size is None or not _glibc_call("mallopt", _M_MMAP_THRESHOLD, size):
         return None
-    name = ctypes.util.find_library("c")
-    try:
-        done = bool(ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, size)) if name else False
-    except (OSError, AttributeError):
-        return None
-    if done:
-        _PINNED["bytes"] = size
-    return size if done else None
-
-
-_PINNED: dict = {}  # what pin_mmap_threshold set in this process
+    _PINNED["bytes"] = size
+    return size
 
 
 def mmap_threshold_in_effect(environ=os.environ) -> int | None:
@@ -386,10 +399,4 @@ def mmap_threshold_in_effect(environ=os.environ) -> int | None:
 def release_freed_memory() -> bool:
     """Hand the heap memory freed so far back to the OS (glibc's ``malloc_trim(0)``), so what a
     finished step (loading a base, say) freed does not stay resident; False where unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")  # glibc only; other C libraries have no malloc_trim
-    try:
-        return bool(ctypes.CDLL(name).malloc_trim(0)) if name else False
-    except (OSError, AttributeError):
-        return False
+    return _glibc_call("malloc_trim", 0)
