@@ -125,30 +125,27 @@ class TensorSource:
         The file is opened for this tensor alone: safetensors maps the file into memory, and a
         mapping kept open would leave every page read so far resident.
         """
-        from safetensors import safe_open
-
-        with safe_open(str(self._path(key)), framework="pt") as handle:
+        with self._open(key) as handle:
             return handle.get_tensor(key)
 
     def shape(self, key: str) -> list:
         """One tensor's shape, from its file's header (nothing read)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self._path(key)), framework="pt") as handle:
+        with self._open(key) as handle:
             return list(handle.get_slice(key).get_shape())
 
     def rows(self, key: str, first: int, stop: int) -> torch.Tensor:
         """Rows ``first:stop`` of one tensor, read from its file now (only those bytes)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self._path(key)), framework="pt") as handle:
+        with self._open(key) as handle:
             return handle.get_slice(key)[first:stop]
 
-    def _path(self, key: str) -> Path:
+    def _open(self, key: str):
+        """The safetensors file holding ``key``, opened for one read."""
+        from safetensors import safe_open
+
         path = self.file_of.get(key)
         if path is None:
             raise ValueError(f"{self.directory}: checkpoint has no tensor {key!r}")
-        return path
+        return safe_open(str(path), framework="pt")
 
 
 def checkpoint_name(source: TensorSource, name: str, prefix: str) -> str | None:
