@@ -183,7 +183,7 @@ class VocabParallelNLL(torch.autograd.Function):
         grad_own = None
         if need_grad:
             dist.all_reduce(grad, group=group)  # every slice's part of every row's gradient
-            grad_own = grad[own].to(hidden.dtype).clone()
+            grad_own = grad[own].to(hidden.dtype, copy=True)  # not a view of every row
         ctx.save_for_backward(grad_own)
         return losses[own].sum()
 
