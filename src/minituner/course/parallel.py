@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minituner.course.finetune import ProgressSink, run_finetune, run_with_progress
+from minituner.course.finetune import ProgressSink, run_with_progress
 from minituner.training.config import FinetuneConfig
 from minituner.training.loop import NonFiniteLossError
 
@@ -29,12 +29,13 @@ class Job:
     frames: dict | None = None
 
 
-def run_job(base_dir: str, out_dir: str, job: Job) -> dict:
-    """Run one job into ``out_dir/job.name``; a diverging loss gives {"diverged": message}."""
+def run_job(base_dir: str, out_dir: str, job: Job, progress: ProgressSink | None = None) -> dict:
+    """Run one job into ``out_dir/job.name`` (each step reported to ``progress`` when given);
+    a diverging loss gives {"diverged": message}."""
     torch.set_num_threads(job.cfg.threads)
     try:
-        return run_finetune(base_dir, Path(out_dir) / job.name, job.cfg, overwrite=True,
-                            frames=job.frames)
+        return run_with_progress(base_dir, Path(out_dir) / job.name, job.cfg, progress,
+                                 overwrite=True, frames=job.frames)
     except NonFiniteLossError as exc:
         return {"diverged": str(exc)}
 
@@ -50,12 +51,7 @@ def run_jobs(base_dir, out_dir, jobs: list, workers: int = 1,
     done: dict = {}
     if workers == 1:
         for job in jobs:
-            torch.set_num_threads(job.cfg.threads)
-            try:
-                done[job.name] = run_with_progress(base, Path(out) / job.name, job.cfg, progress,
-                                                   overwrite=True, frames=job.frames)
-            except NonFiniteLossError as exc:
-                done[job.name] = {"diverged": str(exc)}
+            done[job.name] = run_job(base, out, job, progress)
             _report(on_run, job.name, done[job.name])
         return {job.name: done[job.name] for job in jobs}
     if progress is not None:
