@@ -13,6 +13,7 @@ global_count``: exactly the gradient one process computes on the whole global ba
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -81,8 +82,12 @@ def process_device(device: torch.device, info: DistInfo) -> torch.device:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group (safe to call when there is none)."""
+    """Leave the process group (safe to call when there is none). Unreachable objects that
+    still hold the group (an FSDP model's DTensors and device mesh sit in reference cycles)
+    are collected first, while the group is alive: left to interpreter exit, gloo's worker
+    threads can be torn down there and abort the process after its work is done."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()  # no process tears the group down under another's last collective
         dist.destroy_process_group()
 
