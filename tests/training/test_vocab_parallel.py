@@ -22,52 +22,55 @@ from minituner.training.vocab_parallel import (
     VocabShardedEmbedding, VocabShardedHead, row_range, vocab_parallel_nll,
     vocab_sharded_parameter)
 
-out = sys.argv[1]
-info = init_distributed(torch.device("cpu"))
-mesh = init_device_mesh("cpu", (info.world_size,))
-vocab, d = 37, 12  # 19 + 18 rows
-weight = torch.randn(vocab, d, generator=torch.Generator().manual_seed(0))
-sharded = vocab_sharded_parameter(weight, mesh)
-first, stop = row_range(sharded)
-result = {"rows": [first, stop], "local_rows": sharded.to_local().shape[0],
-          "full_equal": bool(torch.equal(sharded.full_tensor(), weight))}
+def main(out):
+    info = init_distributed(torch.device("cpu"))
+    mesh = init_device_mesh("cpu", (info.world_size,))
+    vocab, d = 37, 12  # 19 + 18 rows
+    weight = torch.randn(vocab, d, generator=torch.Generator().manual_seed(0))
+    sharded = vocab_sharded_parameter(weight, mesh)
+    first, stop = row_range(sharded)
+    result = {"rows": [first, stop], "local_rows": sharded.to_local().shape[0],
+              "full_equal": bool(torch.equal(sharded.full_tensor(), weight))}
 
-generator = torch.Generator().manual_seed(10 + info.rank)
-n = 5 if info.rank == 0 else 9  # the processes hold different token counts
-hidden = torch.randn(1, n, d, generator=generator).requires_grad_()
-targets = torch.randint(0, vocab, (1, n), generator=generator)
-targets[0, 1] = -100  # an ignored position
-targets[0, -1] = vocab - 1  # the last row of the last slice
-loss = vocab_parallel_nll(hidden, sharded, targets)
-loss.backward()
-reference_hidden = hidden.detach().clone().requires_grad_()
-reference = F.cross_entropy(reference_hidden[0] @ weight.t(), targets[0], reduction="sum")
-reference.backward()
-result["loss_error"] = abs(float(loss) - float(reference))
-result["grad_error"] = float((hidden.grad - reference_hidden.grad).abs().max())
-chunked = hidden.detach().clone().requires_grad_()
-(2.0 * chunked_lm_loss(chunked, weight, targets, reduction="sum")).backward()
-hidden.grad = None
-(2.0 * vocab_parallel_nll(hidden, sharded, targets)).backward()  # the incoming gradient scales it
-result["scaled_grad_error"] = float((hidden.grad - chunked.grad).abs().max())
-with torch.no_grad():
-    result["no_grad_loss_error"] = abs(float(vocab_parallel_nll(hidden, sharded, targets))
-                                       - float(reference))
+    generator = torch.Generator().manual_seed(10 + info.rank)
+    n = 5 if info.rank == 0 else 9  # the processes hold different token counts
+    hidden = torch.randn(1, n, d, generator=generator).requires_grad_()
+    targets = torch.randint(0, vocab, (1, n), generator=generator)
+    targets[0, 1] = -100  # an ignored position
+    targets[0, -1] = vocab - 1  # the last row of the last slice
+    loss = vocab_parallel_nll(hidden, sharded, targets)
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_()
+    reference = F.cross_entropy(reference_hidden[0] @ weight.t(), targets[0], reduction="sum")
+    reference.backward()
+    result["loss_error"] = abs(loss.item() - reference.item())
+    result["grad_error"] = float((hidden.grad - reference_hidden.grad).abs().max())
+    chunked = hidden.detach().clone().requires_grad_()
+    (2.0 * chunked_lm_loss(chunked, weight, targets, reduction="sum")).backward()
+    hidden.grad = None
+    (2.0 * vocab_parallel_nll(hidden, sharded, targets)).backward()  # the incoming grad scales
+    result["scaled_grad_error"] = float((hidden.grad - chunked.grad).abs().max())
+    with torch.no_grad():
+        result["no_grad_loss_error"] = abs(float(vocab_parallel_nll(hidden, sharded, targets))
+                                           - float(reference))
 
-ids = torch.randint(0, vocab, (2, 3 + info.rank), generator=generator)
-ids[0, 0] = vocab - 1
-embedded = VocabShardedEmbedding(sharded)(ids)
-result["embedding_equal"] = bool(torch.equal(embedded, F.embedding(ids, weight)))
-logits = VocabShardedHead(sharded)(hidden.detach())
-result["logits_error"] = float((logits - hidden.detach() @ weight.t()).abs().max())
-result["logits_shape"] = list(logits.shape)
+    ids = torch.randint(0, vocab, (2, 3 + info.rank), generator=generator)
+    ids[0, 0] = vocab - 1
+    embedded = VocabShardedEmbedding(sharded)(ids)
+    result["embedding_equal"] = bool(torch.equal(embedded, F.embedding(ids, weight)))
+    logits = VocabShardedHead(sharded)(hidden.detach())
+    result["logits_error"] = float((logits - hidden.detach() @ weight.t()).abs().max())
+    result["logits_shape"] = list(logits.shape)
 
-bf16 = vocab_sharded_parameter(weight.bfloat16(), mesh)
-low = hidden.detach().bfloat16().requires_grad_()
-vocab_parallel_nll(low, bf16, targets).backward()
-result["bf16_finite"] = bool(torch.isfinite(low.grad.float()).all())
-result["bf16_grad_dtype"] = str(low.grad.dtype)
-open(f"{out}.{info.rank}", "w").write(json.dumps(result))
+    bf16 = vocab_sharded_parameter(weight.bfloat16(), mesh)
+    low = hidden.detach().bfloat16().requires_grad_()
+    vocab_parallel_nll(low, bf16, targets).backward()
+    result["bf16_finite"] = bool(torch.isfinite(low.grad.float()).all())
+    result["bf16_grad_dtype"] = str(low.grad.dtype)
+    open(f"{out}.{info.rank}", "w").write(json.dumps(result))
+
+
+main(sys.argv[1])  # its tensors and device mesh are gone before the group is left
 shutdown_distributed()
 '''
 
